@@ -1,0 +1,104 @@
+"""Typed, frozen WISE hyper-parameters.
+
+Defaults follow the WISE paper (Wang et al., NeurIPS 2024, App. B) and its LLaMA-2-7B settings, except where
+the embedded model needs otherwise; those places say why. Unknown keys and bad values fail at construction with
+the key path in the message (pydantic), so a typo in a YAML file never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MarginConfig(_Frozen):
+    """Activation-margin loss (paper Eq. 5): irrelevant inputs below ``alpha``, edit inputs above ``beta``,
+    and a gap of at least ``gamma`` between them.
+
+    ``scale: absolute`` uses the numbers as they are (the paper's (5, 20, 10) were tuned on 4096-wide models).
+    ``scale: auto`` reads them as multiples of the edited layer's own activation scale, measured once on the
+    irrelevant pool (the median per-token norm of the main memory's output), so the same numbers fit any width.
+    """
+
+    alpha: float = Field(5.0, gt=0)
+    beta: float = Field(20.0, gt=0)
+    gamma: float = Field(10.0, gt=0)
+    scale: Literal["absolute", "auto"] = "absolute"
+
+    @model_validator(mode="after")
+    def _order(self) -> MarginConfig:
+        if self.beta <= self.alpha:
+            raise ValueError(f"margins.beta ({self.beta}) must exceed margins.alpha ({self.alpha})")
+        return self
+
+
+class TemplateConfig(_Frozen):
+    """Context templates (paper App. B.6): the empty template plus prefixes sampled from the model."""
+
+    count: int = Field(5, ge=0, le=64, description="random prefixes besides the empty template")
+    length: int = Field(8, ge=1, le=64, description="tokens generated per prefix")
+    seeds: tuple[str, ...] = ("The", "I", "Because", "You", "Yes", "Therefore", "It", "In")
+
+
+class MergeConfig(_Frozen):
+    """Shard merging (paper Sec. 2.3.2, TIES: Yadav et al. 2023)."""
+
+    method: str = "ties"
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from wise.merge import MERGERS
+
+        if v not in MERGERS:
+            raise ValueError(f"unknown merge method {v!r}; choose one of {sorted(MERGERS)}")
+        return v
+    density: float = Field(0.53, gt=0, le=1, description="fraction of each task vector kept by TIES trimming")
+    weights: float = Field(1.0, gt=0, description="scale applied to the merged task vector")
+
+
+class WiseConfig(_Frozen):
+    """All WISE hyper-parameters. See the README's config section for what each does."""
+
+    layer: int = Field(23, ge=0, description="index of the edited decoder block")
+    module: str | None = Field(
+        None, description="edited module path with '{layer}', e.g. 'model.layers.{layer}.mlp.down_proj'; "
+        "None picks it from the architecture registry"
+    )
+    lr: float = Field(1.0, gt=0)
+    n_iter: int = Field(70, ge=1)
+    early_stop_loss: float = Field(0.01, ge=0, description="stop an edit once the total loss falls below this")
+    norm_constraint: float = Field(1.0, gt=0, description="element-wise bound on |side - main|")
+    mask_ratio: float = Field(0.2, gt=0, le=1)
+    mask_kind: Literal["random", "disjoint"] = "random"
+    margins: MarginConfig = MarginConfig()
+    act_ratio: float = Field(0.88, gt=0, le=1, description="router threshold = act_ratio x min in-scope activation")
+    router_reduce: Literal["mean", "max"] = Field(
+        "mean", description="how per-token activations of the query span become one routing score"
+    )
+    n_irrelevant: int = Field(1, ge=0, le=64, description="irrelevant inputs per edit in the margin loss")
+    save_freq: int = Field(500, ge=1, description="edits per knowledge shard")
+    merge_freq: int = Field(1000, ge=1, description="edits between merges of the stored shards")
+    merge: MergeConfig = MergeConfig()
+    retrieve: bool = Field(False, description="WISE-Retrieve: keep merged memories apart and pick one per query")
+    replay: bool = Field(False, description="replay the shard's earlier edits in each edit's batch")
+    replay_size: int = Field(4, ge=1, description="earlier edits of the shard replayed per optimisation")
+    batch_size: int = Field(1, ge=1, description="edits optimised together in one optimisation")
+    templates: TemplateConfig = TemplateConfig()
+    max_prompt_tokens: int = Field(256, ge=8, description="longer edit prompts are rejected")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _cadence(self) -> WiseConfig:
+        if self.merge_freq % self.save_freq:
+            raise ValueError(
+                f"merge_freq ({self.merge_freq}) must be a multiple of save_freq ({self.save_freq})"
+            )
+        if self.save_freq % self.batch_size:
+            raise ValueError(f"save_freq ({self.save_freq}) must be a multiple of batch_size ({self.batch_size})")
+        return self

@@ -1,0 +1,202 @@
+"""Retention metrics exactly as the knowledge-editing literature computes them.
+
+- reliability / generalization: teacher-forced token accuracy of the target after the edit prompt / its
+  rephrase (the fraction of target tokens that are the argmax given the gold prefix), per edit, averaged;
+- locality: fraction of the locality answer's tokens whose argmax is unchanged from the pre-edit model (the
+  main memory alone, which WISE never changes);
+- free-generation variants: greedy continuation of the prompt contains the target (teacher forcing overstates
+  success; arXiv 2502.11177).
+Routing decisions use the prompt's tokens as the query span, as a serving engine sees the question.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from wise.batch import IGNORE, Row, Tokens
+from wise.router import RoutedLinear
+
+
+@dataclass(frozen=True)
+class TokenPredictions:
+    """Per row: argmax ids at the answer-predicting positions, the gold answer ids, and the route taken."""
+
+    predicted: list[torch.Tensor]
+    gold: list[torch.Tensor]
+    route: torch.Tensor  # (N,) memory index per row, -1 = main memory
+
+
+@torch.no_grad()
+def answer_predictions(
+    model: nn.Module,
+    routed: RoutedLinear,
+    tokens: Tokens,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    main_only: bool = False,
+    batch_size: int = 16,
+) -> TokenPredictions:
+    """Teacher-forced argmax predictions over each answer, given ``prompt + answer``.
+
+    Args:
+        model: the (edited) model.
+        routed: its routed layer.
+        tokens: tokenisation conventions.
+        pairs: ``(prompt, answer)`` pairs.
+        main_only: answer from the main memory only (the pre-edit model).
+        batch_size: rows per forward pass.
+
+    Returns:
+        :class:`TokenPredictions`.
+    """
+    device = routed.weight.device
+    predicted, gold, routes = [], [], []
+    for i in range(0, len(pairs), batch_size):
+        rows = [tokens.row(p, a) for p, a in pairs[i : i + batch_size]]
+        batch = tokens.collate(rows).to(device)
+        ctx = routed.main_only() if main_only else routed.query_span(batch.span)
+        with ctx:
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+        routes.append(routed.last_choice.cpu())
+        argmax = logits.argmax(-1)  # (B, T)
+        for r in range(len(rows)):
+            where = batch.labels[r] != IGNORE
+            predicted.append(argmax[r][where].cpu())
+            gold.append(batch.labels[r][where].cpu())
+    return TokenPredictions(predicted, gold, torch.cat(routes) if routes else torch.zeros(0, dtype=torch.long))
+
+
+def token_accuracy(preds: TokenPredictions) -> list[float]:
+    """Per-row teacher-forced token accuracy."""
+    return [float((p == g).float().mean()) for p, g in zip(preds.predicted, preds.gold, strict=True)]
+
+
+def agreement(after: TokenPredictions, before: TokenPredictions) -> list[float]:
+    """Per-row fraction of positions whose argmax is unchanged (locality)."""
+    return [float((a == b).float().mean()) for a, b in zip(after.predicted, before.predicted, strict=True)]
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: nn.Module, routed: RoutedLinear, tokens: Tokens, prompt: str, max_new_tokens: int, *, main_only: bool = False
+) -> str:
+    """Greedy continuation of ``prompt``; the route is decided on the prompt's tokens at every step.
+
+    No KV cache: each step re-reads the prompt, so the routing decision stays the prompt's (the same decision a
+    serving engine takes at prefill). Edit answers are a few tokens, so this stays cheap.
+    """
+    device = routed.weight.device
+    prompt_ids = list(tokens.prompt(prompt))
+    ids = list(prompt_ids)
+    eos = tokens.tokenizer.eos_token_id
+    for _ in range(max_new_tokens):
+        inp = torch.tensor([ids], device=device)
+        span = torch.zeros_like(inp, dtype=torch.bool)
+        span[0, : len(prompt_ids)] = True
+        with routed.main_only() if main_only else routed.query_span(span):
+            nxt = int(model(input_ids=inp, use_cache=False, logits_to_keep=1).logits[0, -1].argmax())
+        if nxt == eos:
+            break
+        ids.append(nxt)
+    return tokens.tokenizer.decode(ids[len(prompt_ids) :], skip_special_tokens=True)
+
+
+def generation_hits(
+    model: nn.Module,
+    routed: RoutedLinear,
+    tokens: Tokens,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    main_only: bool = False,
+    extra_tokens: int = 4,
+) -> list[float]:
+    """Per pair: 1.0 if the greedy continuation of the prompt contains the target (case-insensitive)."""
+    hits = []
+    for prompt, target in pairs:
+        budget = len(tokens.answer(target)) + extra_tokens
+        text = greedy_generate(model, routed, tokens, prompt, budget, main_only=main_only)
+        hits.append(float(target.strip().lower() in text.lower()))
+    return hits
+
+
+def mean(values: Sequence[float]) -> float | None:
+    """Average, or None for an empty list (a metric with nothing to measure is not 0)."""
+    return float(sum(values) / len(values)) if values else None
+
+
+def _pairs(records, field: str) -> tuple[list[tuple[str, str]], list[int]]:
+    out, owner = [], []
+    for i, r in enumerate(records):
+        if field == "prompt":
+            out.append((r.prompt, r.target))
+            owner.append(i)
+        elif field == "rephrase":
+            for q in getattr(r, "rephrase", ()) or ():
+                out.append((q, r.target))
+                owner.append(i)
+        elif field == "locality":
+            lp, la = getattr(r, "locality_prompt", None), getattr(r, "locality_answer", None)
+            if lp and la:
+                out.append((lp, la))
+                owner.append(i)
+    return out, owner
+
+
+def evaluate_records(
+    model: nn.Module,
+    routed: RoutedLinear,
+    tokens: Tokens,
+    records: Sequence,
+    *,
+    main_only: bool = False,
+    generate: bool = True,
+) -> dict:
+    """Retention over ``records`` (each with prompt/target and optional rephrase and locality fields).
+
+    Args:
+        model, routed, tokens: the model under test.
+        records: edit records (``streams.EditRecord`` or anything with the same attributes).
+        main_only: measure the pre-edit model (main memory only).
+        generate: also compute the free-generation variants.
+
+    Returns:
+        ``{"teacher_forced": {reliability, generalization, locality}, "generate": {reliability,
+        generalization}, "routed_fraction": {edit, rephrase, locality}, "per_edit": [...]}``; a metric with no
+        probes is None.
+    """
+    rel_pairs, _ = _pairs(records, "prompt")
+    gen_pairs, gen_owner = _pairs(records, "rephrase")
+    loc_pairs, loc_owner = _pairs(records, "locality")
+    rel = answer_predictions(model, routed, tokens, rel_pairs, main_only=main_only)
+    gen = answer_predictions(model, routed, tokens, gen_pairs, main_only=main_only)
+    loc = answer_predictions(model, routed, tokens, loc_pairs, main_only=main_only)
+    loc_ref = answer_predictions(model, routed, tokens, loc_pairs, main_only=True)
+    rel_acc, gen_acc, loc_agree = token_accuracy(rel), token_accuracy(gen), agreement(loc, loc_ref)
+    out = {
+        "teacher_forced": {"reliability": mean(rel_acc), "generalization": mean(gen_acc), "locality": mean(loc_agree)},
+        "routed_fraction": {
+            name: mean([float(c >= 0) for c in p.route.tolist()])
+            for name, p in (("edit", rel), ("rephrase", gen), ("locality", loc))
+        },
+    }
+    rel_gen = gen_gen = []
+    if generate:
+        rel_gen = generation_hits(model, routed, tokens, rel_pairs, main_only=main_only)
+        gen_gen = generation_hits(model, routed, tokens, gen_pairs, main_only=main_only)
+        out["generate"] = {"reliability": mean(rel_gen), "generalization": mean(gen_gen)}
+    per_edit = []
+    for i, r in enumerate(records):
+        item = {"id": r.id, "reliability": rel_acc[i], "routed": int(rel.route[i]) >= 0}
+        g = [gen_acc[j] for j, o in enumerate(gen_owner) if o == i]
+        item["generalization"] = mean(g)
+        lo = [loc_agree[j] for j, o in enumerate(loc_owner) if o == i]
+        item["locality"] = mean(lo)
+        if generate:
+            item["generate_reliability"] = rel_gen[i]
+        per_edit.append(item)
+    out["per_edit"] = per_edit
+    return out

@@ -1,0 +1,131 @@
+"""The routed projection that replaces the edited layer at inference (paper Sec. 2.3.1, Eq. 4).
+
+For an input activation ``a`` (the input of the MLP output projection) the main memory gives ``W a``; each
+side memory k adds ``Delta_k a`` with ``Delta_k = W'_k - W``. The routing activation of memory k on a query is
+``||Delta_k a_t||_2`` per token t (the paper's ``||A(x) (W'_v - W_v)||``), reduced over the query span to one
+score per sequence. A sequence is answered by the memory with the highest score relative to its threshold if
+that score reaches the threshold, otherwise by the main memory. Everything is batched: no host syncs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+
+def token_activation(a: torch.Tensor, delta: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+    """Per-token routing activation ``||Delta a_t||``.
+
+    Args:
+        a: (B, T, d_in) inputs of the edited projection.
+        delta: (d_out, d_in) side-memory task vector ((d_in, d_out) when ``transposed``).
+        transposed: weight stored as (in, out), as GPT-2's Conv1D does.
+
+    Returns:
+        (B, T) activations.
+    """
+    out = a @ delta if transposed else a @ delta.T  # (B, T, d_out)
+    return out.norm(dim=-1)
+
+
+def reduce_span(values: torch.Tensor, span: torch.Tensor | None, how: str) -> torch.Tensor:
+    """Reduce per-token values (..., B, T) over the query span (B, T) to one score per sequence (..., B).
+
+    A sequence whose span is empty scores 0 (it never routes to a side memory).
+    """
+    if span is None:
+        span = torch.ones(values.shape[-2:], dtype=torch.bool, device=values.device)
+    span = span.to(values.dtype)  # (B, T)
+    if how == "mean":
+        return (values * span).sum(-1) / span.sum(-1).clamp(min=1.0)
+    if how == "max":
+        return (values * span).amax(-1)
+    raise ValueError(f"unknown router reduction {how!r}; choose one of ['max', 'mean']")
+
+
+class RoutedLinear(nn.Module):
+    """Drop-in replacement for the edited projection: main memory plus routed side memories.
+
+    The main weight (and bias) are the original module's parameters, shared, not copied. Side memories live
+    in a (K, d_out, d_in) buffer of task vectors with (K,) float32 thresholds; K may be 0.
+    """
+
+    def __init__(self, base: nn.Module, transposed: bool = False, reduce: str = "mean") -> None:
+        super().__init__()
+        self.weight = base.weight
+        self.bias = getattr(base, "bias", None)
+        self.transposed = transposed
+        self.reduce = reduce
+        shape = tuple(self.weight.shape)
+        self.register_buffer("deltas", torch.zeros((0, *shape), dtype=self.weight.dtype), persistent=False)
+        self.register_buffer("thresholds", torch.zeros(0, dtype=torch.float32), persistent=False)
+        self._span: torch.Tensor | None = None
+        self._routing_enabled = True
+        self.last_choice: torch.Tensor | None = None
+
+    def set_memories(self, deltas: torch.Tensor, thresholds: torch.Tensor) -> None:
+        """Replace the routed side memories (K, d_out, d_in) and their thresholds (K,)."""
+        if deltas.dim() != 3 or deltas.shape[1:] != self.weight.shape or deltas.shape[0] != thresholds.shape[0]:
+            raise ValueError(
+                f"side memories {tuple(deltas.shape)} / thresholds {tuple(thresholds.shape)} do not fit "
+                f"weight {tuple(self.weight.shape)}"
+            )
+        self.deltas = deltas.to(self.weight.device, self.weight.dtype)
+        self.thresholds = thresholds.to(self.weight.device, torch.float32)
+
+    @contextlib.contextmanager
+    def query_span(self, span: torch.Tensor | None) -> Iterator[None]:
+        """Route on these positions only ((B, T) bool: the query's prompt tokens, no padding)."""
+        previous, self._span = self._span, span
+        try:
+            yield
+        finally:
+            self._span = previous
+
+    @contextlib.contextmanager
+    def main_only(self) -> Iterator[None]:
+        """Answer every query from the main memory (pre-edit behaviour)."""
+        previous, self._routing_enabled = self._routing_enabled, False
+        try:
+            yield
+        finally:
+            self._routing_enabled = previous
+
+    def _project(self, a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return a @ weight if self.transposed else a @ weight.T
+
+    def scores(self, a: torch.Tensor) -> torch.Tensor:
+        """Routing score of every memory for every sequence: (K, B)."""
+        per_token = torch.stack([token_activation(a, d, self.transposed) for d in self.deltas])  # (K, B, T)
+        span = self._span
+        if span is not None and span.shape != a.shape[:2]:
+            # Decode steps with a KV cache see one new token: route it on itself.
+            span = None
+        return reduce_span(per_token.float(), span, self.reduce)
+
+    def route(self, a: torch.Tensor) -> torch.Tensor:
+        """Index of the answering memory per sequence (B,), -1 for the main memory."""
+        batch = a.shape[0]
+        if self.deltas.shape[0] == 0 or not self._routing_enabled:
+            return torch.full((batch,), -1, dtype=torch.long, device=a.device)
+        scores = self.scores(a)  # (K, B)
+        ratio = scores / self.thresholds.clamp(min=1e-12).unsqueeze(1)  # (K, B)
+        best_ratio, best = ratio.max(dim=0)  # (B,)
+        return torch.where(best_ratio >= 1.0, best, torch.full_like(best, -1))
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        out = self._project(a, self.weight)  # (B, T, d_out)
+        if self.bias is not None:
+            out = out + self.bias
+        choice = self.route(a)  # (B,)
+        self.last_choice = choice.detach()
+        if self.deltas.shape[0] == 0 or not self._routing_enabled:
+            return out
+        # Gather each sequence's side memory (zeros for main) and add its contribution in one batched matmul.
+        padded = torch.cat([self.deltas, torch.zeros_like(self.deltas[:1])])  # (K+1, d_out, d_in)
+        chosen = padded[choice]  # (B, d_out, d_in); index -1 picks the zero memory
+        extra = a @ chosen if self.transposed else a @ chosen.transpose(1, 2)  # (B, T, d_out)
+        return out + extra
