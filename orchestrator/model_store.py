@@ -77,7 +77,9 @@ def materialise_embedded(cache_dir: Path | None = None) -> Path:
     # Tied embeddings may show up as a missing lm_head; anything else is a real mismatch.
     missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
-        raise ModelUnavailableError(f"weight mismatch materialising SmolLM2: missing={missing} unexpected={unexpected}")
+        raise ModelUnavailableError(
+            f"weight mismatch materialising SmolLM2: missing={missing} unexpected={unexpected}"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
     try:

@@ -80,7 +80,9 @@ class Tokens:
         row = Row(prefix, query, self.answer(answer))
         n = len(row.prefix) + len(row.query) + len(row.answer)
         if n > self.max_tokens:
-            raise PromptTooLongError(f"prompt + answer is {n} tokens, over max_prompt_tokens={self.max_tokens}")
+            raise PromptTooLongError(
+                f"prompt + answer is {n} tokens, over max_prompt_tokens={self.max_tokens}"
+            )
         return row
 
     def collate(self, rows: Sequence[Row]) -> Batch:

@@ -58,6 +58,7 @@ class MergeConfig(_Frozen):
         if v not in MERGERS:
             raise ValueError(f"unknown merge method {v!r}; choose one of {sorted(MERGERS)}")
         return v
+
     density: float = Field(0.53, gt=0, le=1, description="fraction of each task vector kept by TIES trimming")
     weights: float = Field(1.0, gt=0, description="scale applied to the merged task vector")
 
@@ -67,25 +68,43 @@ class WiseConfig(_Frozen):
 
     layer: int = Field(23, ge=0, description="index of the edited decoder block")
     module: str | None = Field(
-        None, description="edited module path with '{layer}', e.g. 'model.layers.{layer}.mlp.down_proj'; "
-        "None picks it from the architecture registry"
+        None,
+        description="edited module path with '{layer}', e.g. 'model.layers.{layer}.mlp.down_proj'; "
+        "None picks it from the architecture registry",
     )
     lr: float = Field(1.0, gt=0)
     n_iter: int = Field(70, ge=1)
-    early_stop_loss: float = Field(0.01, ge=0, description="stop an edit once the total loss falls below this")
+    early_stop_loss: float = Field(
+        0.01, ge=0, description="stop an edit once the total loss falls below this"
+    )
     norm_constraint: float = Field(1.0, gt=0, description="element-wise bound on |side - main|")
     mask_ratio: float = Field(0.2, gt=0, le=1)
     mask_kind: Literal["random", "disjoint"] = "random"
     margins: MarginConfig = MarginConfig()
-    act_ratio: float = Field(0.88, gt=0, le=1, description="router threshold = act_ratio x min in-scope activation")
-    router_reduce: Literal["mean", "max"] = Field(
+    act_ratio: float = Field(
+        0.88, gt=0, le=1, description="router threshold = act_ratio x min in-scope activation"
+    )
+    router_reduce: Literal["mean", "max", "last"] = Field(
         "mean", description="how per-token activations of the query span become one routing score"
     )
-    n_irrelevant: int = Field(1, ge=0, le=64, description="irrelevant inputs per edit in the margin loss")
+    n_irrelevant: int = Field(1, ge=0, le=256, description="irrelevant inputs per edit in the margin loss")
+    hard_negatives: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="fraction of the irrelevant inputs chosen as the pool prompts whose activations lie nearest "
+        "to the edit's (the rest are drawn at random)",
+    )
     save_freq: int = Field(500, ge=1, description="edits per knowledge shard")
     merge_freq: int = Field(1000, ge=1, description="edits between merges of the stored shards")
     merge: MergeConfig = MergeConfig()
-    retrieve: bool = Field(False, description="WISE-Retrieve: keep merged memories apart and pick one per query")
+    retrieve: bool = Field(
+        False, description="WISE-Retrieve: keep merged memories apart and pick one per query"
+    )
+    anchor_previous: bool = Field(
+        True,
+        description="keep the shard's earlier edits in the margin loss (their cached prompt activations)",
+    )
     replay: bool = Field(False, description="replay the shard's earlier edits in each edit's batch")
     replay_size: int = Field(4, ge=1, description="earlier edits of the shard replayed per optimisation")
     batch_size: int = Field(1, ge=1, description="edits optimised together in one optimisation")
@@ -100,5 +119,7 @@ class WiseConfig(_Frozen):
                 f"merge_freq ({self.merge_freq}) must be a multiple of save_freq ({self.save_freq})"
             )
         if self.save_freq % self.batch_size:
-            raise ValueError(f"save_freq ({self.save_freq}) must be a multiple of batch_size ({self.batch_size})")
+            raise ValueError(
+                f"save_freq ({self.save_freq}) must be a multiple of batch_size ({self.batch_size})"
+            )
         return self

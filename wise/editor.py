@@ -116,6 +116,10 @@ class WiseEditor:
         self.layout = resolve_layout(model, cfg.layer, cfg.module)
         self.engine = get_engine(engine)(model, self.layout)
         self.irrelevant = [(p, a) for p, a in irrelevant]
+        if cfg.margins.scale == "auto" and not self.irrelevant:
+            raise ValueError(
+                "wise.margins.scale=auto needs an irrelevant pool to measure the activation scale"
+            )
         if cfg.n_irrelevant and not self.irrelevant:
             logger.warning("no irrelevant pool given: the margin loss runs without irrelevant inputs")
         self.templates: list[str] | None = None
@@ -125,6 +129,8 @@ class WiseEditor:
         self.pending: list[Memory] = []
         self.merged: list[Memory] = []
         self._keys: dict[str, torch.Tensor] = {}  # edit id -> (p, d_in) prompt activations (recomputable)
+        self._pool_dirs: torch.Tensor | None = None  # derived from the pool on first use, never saved
+        self._pool_center: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ setup
     def _zeros(self) -> torch.Tensor:
@@ -157,10 +163,14 @@ class WiseEditor:
             ValueError: the pool is empty (``margins.scale: auto`` needs it).
         """
         if not self.irrelevant:
-            raise ValueError("wise.margins.scale=auto needs an irrelevant pool to measure the activation scale")
+            raise ValueError(
+                "wise.margins.scale=auto needs an irrelevant pool to measure the activation scale"
+            )
         keys = self.prompt_keys([p for p, _ in self.irrelevant[:limit]])
         w = self.routed.weight
-        norms = torch.cat([token_activation(k.unsqueeze(0).to(w.dtype), w, self.layout.layout.transposed)[0] for k in keys])
+        norms = torch.cat(
+            [token_activation(k.unsqueeze(0).to(w.dtype), w, self.layout.layout.transposed)[0] for k in keys]
+        )
         return float(norms.median())
 
     # ------------------------------------------------------------------ routing keys
@@ -172,11 +182,16 @@ class WiseEditor:
         hook = self.routed.register_forward_pre_hook(lambda _m, args: captured.__setitem__("a", args[0]))
         try:
             for i in range(0, len(prompts), batch_size):
-                rows = [Row((), self.tokens.prompt(p), (self.tokens.pad_id,)) for p in prompts[i : i + batch_size]]
+                rows = [
+                    Row((), self.tokens.prompt(p), (self.tokens.pad_id,)) for p in prompts[i : i + batch_size]
+                ]
                 batch = self.tokens.collate(rows).to(self.device)
                 with self.routed.main_only():
                     self.model(
-                        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, logits_to_keep=1
+                        input_ids=batch.input_ids,
+                        attention_mask=batch.attention_mask,
+                        use_cache=False,
+                        logits_to_keep=1,
                     )
                 for r, span in zip(captured["a"], batch.span, strict=True):
                     out.append(r[span].to(torch.float16).cpu())
@@ -195,7 +210,9 @@ class WiseEditor:
         scores = [
             reduce_span(
                 token_activation(
-                    self._key(eid, p).to(self.device, delta.dtype).unsqueeze(0), delta, self.layout.layout.transposed
+                    self._key(eid, p).to(self.device, delta.dtype).unsqueeze(0),
+                    delta,
+                    self.layout.layout.transposed,
                 ).float(),
                 None,
                 self.cfg.router_reduce,
@@ -221,17 +238,47 @@ class WiseEditor:
             self.routed.set_memories(self._zeros().unsqueeze(0)[:0], torch.zeros(0))
             return
         self.routed.set_memories(
-            torch.stack([m.delta for m in mems]), torch.tensor([m.threshold for m in mems], dtype=torch.float32)
+            torch.stack([m.delta for m in mems]),
+            torch.tensor([m.threshold for m in mems], dtype=torch.float32),
         )
 
     # ------------------------------------------------------------------ editing
-    def _irrelevant_for(self, index: int, exclude: set[str]) -> list[tuple[str, str]]:
+    def _pool_directions(self) -> torch.Tensor:
+        """Unit-norm, centred mean prompt activation of every pool prompt: (n_pool, d_in), computed once."""
+        if self._pool_dirs is None:
+            means = torch.stack(
+                [k.float().mean(0) for k in self.prompt_keys([p for p, _ in self.irrelevant])]
+            )
+            self._pool_center = means.mean(0)
+            self._pool_dirs = torch.nn.functional.normalize(means - self._pool_center, dim=-1)
+        return self._pool_dirs
+
+    def _irrelevant_for(self, index: int, edits: Sequence[EditLike]) -> list[tuple[str, str]]:
+        """Irrelevant inputs for one optimisation: the hardest pool prompts (nearest to the edits' own
+        activations, so the router learns to tell same-relation prompts about other subjects apart) plus a
+        seeded random draw from the rest."""
         if not self.irrelevant or not self.cfg.n_irrelevant:
             return []
+        exclude = {e.prompt for e in edits}
+        allowed = [i for i, (p, _) in enumerate(self.irrelevant) if p not in exclude]
+        n_hard = int(round(self.cfg.n_irrelevant * self.cfg.hard_negatives))
+        chosen: list[int] = []
+        if n_hard:
+            dirs = self._pool_directions()
+            query = (
+                torch.stack([self._key(e.id, e.prompt).float().mean(0) for e in edits]) - self._pool_center
+            )
+            sim = (torch.nn.functional.normalize(query, dim=-1) @ dirs.T).amax(0)  # (n_pool,)
+            ranked = sim[allowed].argsort(descending=True)[:n_hard].tolist()
+            chosen = [allowed[j] for j in ranked]
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_033 + index)
-        order = torch.randperm(len(self.irrelevant), generator=gen).tolist()
-        picked = [self.irrelevant[i] for i in order if self.irrelevant[i][0] not in exclude]
-        return picked[: self.cfg.n_irrelevant]
+        rest = [
+            allowed[j]
+            for j in torch.randperm(len(allowed), generator=gen).tolist()
+            if allowed[j] not in chosen
+        ]
+        chosen += rest[: self.cfg.n_irrelevant - len(chosen)]
+        return [self.irrelevant[i] for i in chosen]
 
     def _rows(self, edits: Sequence[EditLike]) -> tuple[list[Row], list[bool], list[int]]:
         """Rows of one optimisation: every edit under every template, replayed edits, then irrelevant inputs.
@@ -253,11 +300,23 @@ class WiseEditor:
             for j in torch.randperm(n_prev, generator=gen)[: self.cfg.replay_size].tolist():
                 rows.append(self.tokens.row(self.active.prompts[j], self.active.targets[j]))
                 flags.append(True)
-        exclude = {e.prompt for e in edits}
-        for p, a in self._irrelevant_for(self.n_edits, exclude):
+        for p, a in self._irrelevant_for(self.n_edits, edits):
             rows.append(self.tokens.row(p, a))
             flags.append(False)
         return rows, flags, key_rows
+
+    def _anchors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Prompt activations of the active shard's earlier edits, padded: ((K, P, d_in), (K, P) span)."""
+        if not self.cfg.anchor_previous or not self.active.edit_ids:
+            return None
+        keys = [self._key(e, p) for e, p in zip(self.active.edit_ids, self.active.prompts, strict=True)]
+        width = max(k.shape[0] for k in keys)
+        a = torch.zeros((len(keys), width, keys[0].shape[1]), dtype=self.routed.weight.dtype)
+        span = torch.zeros((len(keys), width), dtype=torch.bool)
+        for i, k in enumerate(keys):
+            a[i, : k.shape[0]] = k.to(a.dtype)
+            span[i, : k.shape[0]] = True
+        return a.to(self.device), span.to(self.device)
 
     def validate(self, edit: EditLike) -> None:
         """Raise :class:`~wise.batch.PromptTooLongError` if the edit cannot be tokenised within the limits."""
@@ -302,10 +361,16 @@ class WiseEditor:
             tuple(self.active.delta.shape), self.cfg.mask_ratio, self.cfg.mask_kind, self.cfg.seed, shard_id
         ).to(self.device)
         step = StepConfig(
-            self.cfg.lr, self.cfg.n_iter, self.cfg.early_stop_loss, self.cfg.norm_constraint, self.margins,
+            self.cfg.lr,
+            self.cfg.n_iter,
+            self.cfg.early_stop_loss,
+            self.cfg.norm_constraint,
+            self.margins,
             self.cfg.router_reduce,
         )
-        result: EditResult = self.engine.optimise(batch, is_edit.to(self.device), self.active.delta, mask, step)
+        result: EditResult = self.engine.optimise(
+            batch, is_edit.to(self.device), self.active.delta, mask, step, anchors=self._anchors()
+        )
         for e, r in zip(edits, key_rows, strict=True):
             self._keys[e.id] = result.prompt_activations[r][batch.span[r]].to(torch.float16).cpu()
             self.active.edit_ids.append(e.id)
@@ -319,8 +384,14 @@ class WiseEditor:
             for e, s in zip(edits, scores, strict=True)
         ]
         logger.debug(
-            "edit %d: %d steps, loss %.4f (ce %.4f, margin %.4f)",
-            self.n_edits, result.steps, result.loss, result.ce_loss, result.margin_loss,
+            "edit %d: %d steps, loss %.4f (ce %.4f, margin %.4f) d_edit %s d_irr %s",
+            self.n_edits,
+            result.steps,
+            result.loss,
+            result.ce_loss,
+            result.margin_loss,
+            result.edit_activation.tolist()[:3],
+            result.irrelevant_activation.tolist()[:4],
         )
         if len(self.active.edit_ids) >= self.cfg.save_freq:
             self._close_shard()
@@ -344,7 +415,9 @@ class WiseEditor:
             merged = group[0]
         else:
             merger = get_merger(self.cfg.merge.method)
-            delta = merger([m.delta for m in group], density=self.cfg.merge.density, weight=self.cfg.merge.weights)
+            delta = merger(
+                [m.delta for m in group], density=self.cfg.merge.density, weight=self.cfg.merge.weights
+            )
             merged = Memory(delta)
             for m in group:
                 merged.edit_ids += m.edit_ids
@@ -352,7 +425,9 @@ class WiseEditor:
                 merged.targets += m.targets
                 merged.shard_ids += m.shard_ids
         self._refresh_threshold(merged)
-        logger.info("merged %d shards (%d edits), threshold %.3f", len(group), len(merged.edit_ids), merged.threshold)
+        logger.info(
+            "merged %d shards (%d edits), threshold %.3f", len(group), len(merged.edit_ids), merged.threshold
+        )
         self.merged = [*self.merged, merged] if self.cfg.retrieve else [merged]
         self.pending = []
         self._sync_router()
@@ -375,7 +450,9 @@ class WiseEditor:
             "weight_shape": list(self.routed.weight.shape),
             "n_edits": self.n_edits,
             "templates": self.templates,
-            "margins": None if self.margins is None else [self.margins.alpha, self.margins.beta, self.margins.gamma],
+            "margins": None
+            if self.margins is None
+            else [self.margins.alpha, self.margins.beta, self.margins.gamma],
             "active": self.active.meta(),
             "pending": [m.meta() for m in self.pending],
             "merged": [m.meta() for m in self.merged],
@@ -390,7 +467,10 @@ class WiseEditor:
         """
         if meta.get("version") != STATE_VERSION:
             raise StateError(f"state format version {meta.get('version')} is not {STATE_VERSION}")
-        if meta["module_path"] != self.layout.module_path or list(self.routed.weight.shape) != meta["weight_shape"]:
+        if (
+            meta["module_path"] != self.layout.module_path
+            or list(self.routed.weight.shape) != meta["weight_shape"]
+        ):
             raise StateError(
                 f"state edits {meta['module_path']} {meta['weight_shape']}, this editor "
                 f"{self.layout.module_path} {list(self.routed.weight.shape)}"
@@ -402,8 +482,12 @@ class WiseEditor:
 
         def mem(m: dict, key: str) -> Memory:
             return Memory(
-                tensors[key].to(self.device, self.routed.weight.dtype), list(m["edit_ids"]), list(m["prompts"]),
-                list(m["targets"]), list(m["shard_ids"]), float(m["threshold"]),
+                tensors[key].to(self.device, self.routed.weight.dtype),
+                list(m["edit_ids"]),
+                list(m["prompts"]),
+                list(m["targets"]),
+                list(m["shard_ids"]),
+                float(m["threshold"]),
             )
 
         self.n_edits = int(meta["n_edits"])

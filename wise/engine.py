@@ -91,7 +91,7 @@ class _Engine:
         self.model = model
         self.layout = layout
 
-    def _prepare(self, batch: Batch) -> object:
+    def _prepare(self, batch: Batch, is_edit: torch.Tensor) -> object:
         raise NotImplementedError
 
     def _forward(
@@ -104,7 +104,13 @@ class _Engine:
         raise NotImplementedError
 
     def optimise(
-        self, batch: Batch, is_edit: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor, cfg: StepConfig
+        self,
+        batch: Batch,
+        is_edit: torch.Tensor,
+        delta: torch.Tensor,
+        mask: torch.Tensor,
+        cfg: StepConfig,
+        anchors: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> EditResult:
         """Train ``delta`` in place on one batch.
 
@@ -114,18 +120,28 @@ class _Engine:
             delta: side-memory task vector (d_out, d_in); updated in place.
             mask: bool gradient mask of the shard, same shape as ``delta``.
             cfg: step settings.
+            anchors: optional ``(a, span)`` of shape (K, P, d_in) / (K, P): prompt activations of edits already
+                in this shard. They join the in-scope side of the margin loss so that training a new edit does
+                not pull earlier edits' routing activations below the threshold. They need no forward pass.
 
         Returns:
             The :class:`EditResult`.
         """
-        state = self._prepare(batch)
+        state = self._prepare(batch, is_edit)
+        transposed = self.layout.layout.transposed
         delta.requires_grad_(True)
         maskf = mask.to(delta.dtype)
         steps, total, ce, ml, dist = 0, float("nan"), float("nan"), float("nan"), None
         try:
             for steps in range(1, cfg.n_iter + 1):  # noqa: B007 - steps is reported
                 ce_t, dist = self._forward(state, batch, delta, cfg.reduce)
-                ml_t = margin_loss(dist[is_edit], dist[~is_edit], cfg.margins)
+                d_edit = dist[is_edit]
+                if anchors is not None:
+                    d_anchor = reduce_span(
+                        token_activation(anchors[0], delta, transposed).float(), anchors[1], cfg.reduce
+                    )
+                    d_edit = torch.cat([d_edit, d_anchor])
+                ml_t = margin_loss(d_edit, dist[~is_edit], cfg.margins)
                 loss = ce_t + ml_t
                 total, ce, ml = loss.item(), ce_t.item(), ml_t.item()
                 if total < cfg.early_stop_loss:
@@ -147,7 +163,8 @@ class _Frozen:
     a: torch.Tensor  # (B, T, d_in) input of the edited projection
     o0: torch.Tensor  # (B, T, d_model) edited block's output with the main memory
     upper: list[tuple[nn.Module, tuple, dict]]  # blocks above, with the extra args they were called with
-    label_rows: torch.Tensor  # (N,) row index of each label position
+    edit_rows: torch.Tensor  # (E,) rows that carry labels; irrelevant rows never enter the upper blocks
+    label_rows: torch.Tensor  # (N,) row index (among edit rows) of each label position
     label_cols: torch.Tensor  # (N,) column index
     label_ids: torch.Tensor  # (N,)
 
@@ -155,7 +172,7 @@ class _Frozen:
 class CachedEngine(_Engine):
     """Runs the frozen prefix once per edit and only the layers above the edited one per iteration."""
 
-    def _prepare(self, batch: Batch) -> _Frozen:
+    def _prepare(self, batch: Batch, is_edit: torch.Tensor) -> _Frozen:
         lay = self.layout
         captured: dict[str, object] = {}
         upper: list[tuple[nn.Module, tuple, dict]] = []
@@ -172,20 +189,35 @@ class CachedEngine(_Engine):
         try:
             with torch.no_grad(), _main_only(lay.module):
                 self.model(
-                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, logits_to_keep=1
+                    input_ids=batch.input_ids,
+                    attention_mask=batch.attention_mask,
+                    use_cache=False,
+                    logits_to_keep=1,
                 )
         finally:
             for h in hooks:
                 h.remove()
         o0 = captured["o0"]
         o0 = o0[0] if isinstance(o0, tuple) else o0
-        rows, cols = (batch.labels != IGNORE).nonzero(as_tuple=True)
-        return _Frozen(captured["a"].detach(), o0.detach(), upper, rows, cols, batch.labels[rows, cols])
+        edit_rows = is_edit.nonzero(as_tuple=True)[0]
+        # The blocks above were called on the whole batch; keep their per-row arguments for the edit rows only.
+        n = len(is_edit)
+        upper = [
+            (blk, _rows(args, edit_rows, n), {k: _rows(v, edit_rows, n) for k, v in kw.items()})
+            for blk, args, kw in upper
+        ]
+        labels = batch.labels[edit_rows]
+        rows, cols = (labels != IGNORE).nonzero(as_tuple=True)
+        return _Frozen(
+            captured["a"].detach(), o0.detach()[edit_rows], upper, edit_rows, rows, cols, labels[rows, cols]
+        )
 
-    def _forward(self, st: _Frozen, batch: Batch, delta: torch.Tensor, reduce: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(
+        self, st: _Frozen, batch: Batch, delta: torch.Tensor, reduce: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         transposed = self.layout.layout.transposed
         side = st.a @ delta if transposed else st.a @ delta.T  # (B, T, d_model)
-        h = st.o0 + side
+        h = st.o0 + side[st.edit_rows]  # (E, T, d_model): only edit rows need the layers above
         for blk, args, kwargs in st.upper:
             if "hidden_states" in kwargs:
                 out = blk(*args, **{**kwargs, "hidden_states": h})
@@ -205,10 +237,12 @@ class CachedEngine(_Engine):
 class NaiveEngine(_Engine):
     """Full forward pass and full-vocabulary logits at every iteration (the reference's cost profile)."""
 
-    def _prepare(self, batch: Batch) -> dict:
+    def _prepare(self, batch: Batch, is_edit: torch.Tensor) -> dict:
         return {}
 
-    def _forward(self, st: dict, batch: Batch, delta: torch.Tensor, reduce: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(
+        self, st: dict, batch: Batch, delta: torch.Tensor, reduce: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         transposed = self.layout.layout.transposed
 
         def add_side(_m, args, out):
@@ -229,6 +263,15 @@ class NaiveEngine(_Engine):
 
     def _activations(self, st: dict) -> torch.Tensor:
         return st["a"].detach()
+
+
+def _rows(value: object, rows: torch.Tensor, batch: int) -> object:
+    """Select ``rows`` from per-row tensors (batch-first) inside a block's call arguments."""
+    if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch and batch > 1:
+        return value[rows]
+    if isinstance(value, tuple):
+        return tuple(_rows(v, rows, batch) for v in value)
+    return value
 
 
 @contextlib.contextmanager

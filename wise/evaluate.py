@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from wise.batch import IGNORE, Row, Tokens
+from wise.batch import IGNORE, Tokens
 from wise.router import RoutedLinear
 
 
@@ -60,14 +60,18 @@ def answer_predictions(
         batch = tokens.collate(rows).to(device)
         ctx = routed.main_only() if main_only else routed.query_span(batch.span)
         with ctx:
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+            logits = model(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+            ).logits
         routes.append(routed.last_choice.cpu())
         argmax = logits.argmax(-1)  # (B, T)
         for r in range(len(rows)):
             where = batch.labels[r] != IGNORE
             predicted.append(argmax[r][where].cpu())
             gold.append(batch.labels[r][where].cpu())
-    return TokenPredictions(predicted, gold, torch.cat(routes) if routes else torch.zeros(0, dtype=torch.long))
+    return TokenPredictions(
+        predicted, gold, torch.cat(routes) if routes else torch.zeros(0, dtype=torch.long)
+    )
 
 
 def token_accuracy(preds: TokenPredictions) -> list[float]:
@@ -82,7 +86,13 @@ def agreement(after: TokenPredictions, before: TokenPredictions) -> list[float]:
 
 @torch.no_grad()
 def greedy_generate(
-    model: nn.Module, routed: RoutedLinear, tokens: Tokens, prompt: str, max_new_tokens: int, *, main_only: bool = False
+    model: nn.Module,
+    routed: RoutedLinear,
+    tokens: Tokens,
+    prompt: str,
+    max_new_tokens: int,
+    *,
+    main_only: bool = False,
 ) -> str:
     """Greedy continuation of ``prompt``; the route is decided on the prompt's tokens at every step.
 
@@ -177,7 +187,11 @@ def evaluate_records(
     loc_ref = answer_predictions(model, routed, tokens, loc_pairs, main_only=True)
     rel_acc, gen_acc, loc_agree = token_accuracy(rel), token_accuracy(gen), agreement(loc, loc_ref)
     out = {
-        "teacher_forced": {"reliability": mean(rel_acc), "generalization": mean(gen_acc), "locality": mean(loc_agree)},
+        "teacher_forced": {
+            "reliability": mean(rel_acc),
+            "generalization": mean(gen_acc),
+            "locality": mean(loc_agree),
+        },
         "routed_fraction": {
             name: mean([float(c >= 0) for c in p.route.tolist()])
             for name, p in (("edit", rel), ("rephrase", gen), ("locality", loc))

@@ -43,7 +43,12 @@ def reduce_span(values: torch.Tensor, span: torch.Tensor | None, how: str) -> to
         return (values * span).sum(-1) / span.sum(-1).clamp(min=1.0)
     if how == "max":
         return (values * span).amax(-1)
-    raise ValueError(f"unknown router reduction {how!r}; choose one of ['max', 'mean']")
+    if how == "last":
+        # one-hot on the last query token of each row: where the running count reaches the row's total
+        count = span.cumsum(-1)
+        last = (count == count[..., -1:]) & (span > 0)
+        return (values * last).sum(-1)
+    raise ValueError(f"unknown router reduction {how!r}; choose one of ['last', 'max', 'mean']")
 
 
 class RoutedLinear(nn.Module):
@@ -68,7 +73,11 @@ class RoutedLinear(nn.Module):
 
     def set_memories(self, deltas: torch.Tensor, thresholds: torch.Tensor) -> None:
         """Replace the routed side memories (K, d_out, d_in) and their thresholds (K,)."""
-        if deltas.dim() != 3 or deltas.shape[1:] != self.weight.shape or deltas.shape[0] != thresholds.shape[0]:
+        if (
+            deltas.dim() != 3
+            or deltas.shape[1:] != self.weight.shape
+            or deltas.shape[0] != thresholds.shape[0]
+        ):
             raise ValueError(
                 f"side memories {tuple(deltas.shape)} / thresholds {tuple(thresholds.shape)} do not fit "
                 f"weight {tuple(self.weight.shape)}"

@@ -1,0 +1,90 @@
+"""``wisestream`` command line: run a job, run benchmarks, materialise the embedded model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from orchestrator.config import ConfigError, load_config
+
+logger = logging.getLogger("wisestream")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from orchestrator.job import run_job
+    from orchestrator.report import render_summary
+
+    overrides = list(args.set or [])
+    if args.report:
+        overrides.append(f"output.report={args.report}")
+    cfg = load_config(args.config, overrides)
+    report = run_job(cfg)
+    render_summary(report)
+    sys.stdout.write(f"report: {cfg.report_path()}\n")
+    return 0
+
+
+def _bench_speed(args: argparse.Namespace) -> int:
+    from orchestrator.bench import speed_benchmark
+
+    cfg = load_config(args.config, list(args.set or []))
+    result = speed_benchmark(cfg, n_edits=args.edits)
+    sys.stdout.write(json.dumps(result) + "\n")
+    return 0
+
+
+def _model(args: argparse.Namespace) -> int:
+    from orchestrator.model_store import materialise_embedded
+
+    sys.stdout.write(f"{materialise_embedded()}\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wisestream", description="Lifelong knowledge editing with WISE.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="apply a stream of edits and report retention")
+    run.add_argument("config", type=Path, help="YAML job config (see configs/)")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set wise.layer=20")
+    run.add_argument("--report", help="where to write the JSON report (default: <output.dir>/report.json)")
+    run.set_defaults(func=_run)
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    speed = bench_sub.add_parser("speed", help="cached engine vs naive full-forward editing, same edits")
+    speed.add_argument("--edits", type=int, default=3, help="edits timed on each side (default 3)")
+    speed.add_argument("--config", type=Path, default=Path("configs/default.yaml"))
+    speed.add_argument("--set", action="append", metavar="KEY=VALUE")
+    speed.set_defaults(func=_bench_speed)
+    model = sub.add_parser("model", help="materialise the embedded model checkpoint and print its path")
+    model.set_defaults(func=_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        sys.stderr.write(f"config error: {err}\n")
+        return 2
+    except Exception as err:  # user-facing boundary: one clear line, details in --verbose
+        from orchestrator.job import JobError
+        from streams import StreamError
+
+        if isinstance(err, JobError | StreamError):
+            sys.stderr.write(f"error: {err}\n")
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

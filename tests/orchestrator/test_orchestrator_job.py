@@ -1,0 +1,143 @@
+"""The job end to end on a tiny random Llama saved as a real checkpoint: CLI, report, dead letters, Python
+ingestion. The real embedded model is exercised in tests/integration."""
+
+import json
+
+import pytest
+
+from orchestrator.cli import main
+from orchestrator.config import build_config
+from orchestrator.job import EditJob, JobError, run_job
+from streams import read_dead_letters
+
+REPORT_KEYS = {
+    "edits_seen",
+    "edits_applied",
+    "dead_lettered",
+    "retention",
+    "retention_generate",
+    "pre",
+    "seconds_per_edit",
+    "wall_seconds",
+    "config",
+}
+
+
+@pytest.fixture
+def model_dir(tmp_path, tiny_model, tiny_tokenizer):
+    d = tmp_path / "tiny"
+    tiny_model.save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d
+
+
+def _edit_lines(edits):
+    return [
+        json.dumps(
+            {
+                "id": e.id,
+                "prompt": e.prompt,
+                "target": e.target,
+                "rephrase": list(e.rephrase),
+                "locality_prompt": e.locality_prompt,
+                "locality_answer": e.locality_answer,
+            }
+        )
+        for e in edits
+    ]
+
+
+def _overrides(tmp_path, model_dir):
+    return [
+        f"model.name={model_dir}",
+        "wise.layer=2",
+        "wise.n_iter=5",
+        "wise.templates.count=1",
+        "wise.templates.length=2",
+        "wise.save_freq=2",
+        "wise.merge_freq=2",
+        "wise.n_irrelevant=1",
+        "wise.margins.scale=auto",
+        "wise.margins.alpha=0.5",
+        "wise.margins.beta=2",
+        "wise.margins.gamma=1",
+        f"output.dir={tmp_path / 'out'}",
+    ]
+
+
+def test_cli_run_writes_report_state_and_dead_letters(tmp_path, model_dir, edits, capsys):
+    data = tmp_path / "edits.jsonl"
+    lines = _edit_lines(edits[:3])
+    lines.insert(1, '{"id": "bad1", "prompt": "no target here"}')
+    lines.insert(3, "this is not json")
+    lines.append(json.dumps({"id": "long", "prompt": "word " * 300, "target": "x"}))
+    lines.append(_edit_lines(edits[:1])[0])  # same id again
+    data.write_text("\n".join(lines) + "\n")
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("\n".join(_edit_lines(edits[3:])) + "\n")
+    config = tmp_path / "job.yaml"
+    config.write_text(f"stream:\n  path: {data}\n  format: jsonl\nirrelevant:\n  path: {pool}\n")
+    report_path = tmp_path / "r.json"
+    args = ["run", str(config), "--report", str(report_path), "--set", "wise.max_prompt_tokens=64"]
+    for o in _overrides(tmp_path, model_dir):
+        args += ["--set", o]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "Retention after 3 sequential edits" in out and str(report_path) in out
+    report = json.loads(report_path.read_text())
+    assert report.keys() >= REPORT_KEYS
+    assert report["edits_seen"] == 7 and report["edits_applied"] == 3 and report["dead_lettered"] == 4
+    assert report["retention"].keys() == {"reliability", "generalization", "locality"}
+    assert report["retention_generate"].keys() == {"reliability", "generalization"}
+    assert report["config"]["wise"]["layer"] == 2
+    assert [e["id"] for e in report["per_edit"]] == ["e0", "e1", "e2"]
+    dead = read_dead_letters(tmp_path / "out" / "dead_letter.jsonl")
+    reasons = " | ".join(d.reason for d in dead)
+    assert len(dead) == 4
+    assert (
+        "target" in reasons
+        and "not valid JSON" in reasons
+        and "max_prompt_tokens" in reasons
+        and "duplicate" in reasons
+    )
+    assert (tmp_path / "out" / "state" / "wise_state.safetensors").is_file()
+
+
+def test_python_iterable_ingestion(tmp_path, model_dir, edits):
+    def from_my_system():
+        for e in edits[:2]:
+            yield {"id": e.id, "prompt": e.prompt, "target": e.target}
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("\n".join(_edit_lines(edits[3:])) + "\n")
+    cfg = build_config(
+        {}, [*_overrides(tmp_path, model_dir), "eval.generate=false", f"irrelevant.path={pool}"]
+    )
+    report = run_job(cfg, records=from_my_system())
+    assert report["edits_applied"] == 2 and report["retention_generate"] is None
+    assert report["retention"]["locality"] is None  # no locality probes given: not measured, not faked
+
+
+def test_cli_reports_config_errors_cleanly(tmp_path, capsys):
+    config = tmp_path / "job.yaml"
+    config.write_text("wise:\n  merge_freq: 7\n  save_freq: 2\n")
+    assert main(["run", str(config)]) == 2
+    assert "wise: merge_freq (7) must be a multiple of save_freq (2)" in capsys.readouterr().err
+
+
+def test_missing_stream_file_is_a_clear_error(tmp_path, capsys, model_dir):
+    config = tmp_path / "job.yaml"
+    config.write_text(f"stream:\n  path: {tmp_path / 'nope.jsonl'}\nmodel:\n  name: {model_dir}\n")
+    assert main(["run", str(config)]) == 1
+    assert "nope.jsonl" in capsys.readouterr().err
+
+
+def test_auto_margins_without_pool_fail_at_setup(tmp_path, model_dir, edits):
+    cfg = build_config({}, _overrides(tmp_path, model_dir))
+    with pytest.raises(ValueError, match="needs an irrelevant pool"):
+        run_job(cfg, records=iter(_edit_lines(edits[:1])))
+
+
+def test_job_needs_edits(tmp_path):
+    with pytest.raises(JobError, match="stream.path"):
+        EditJob(build_config({}, [f"output.dir={tmp_path}"]))

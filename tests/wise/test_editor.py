@@ -1,0 +1,200 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from wise.batch import PromptTooLongError
+from wise.config import WiseConfig
+from wise.editor import StateError, WiseEditor
+from wise.evaluate import evaluate_records
+from wise.layout import LayoutError
+
+
+def _cfg(**kw):
+    base = dict(
+        layer=2,
+        n_iter=6,
+        templates={"count": 2, "length": 3},
+        n_irrelevant=2,
+        save_freq=2,
+        merge_freq=4,
+        margins={"alpha": 0.5, "beta": 2.0, "gamma": 1.0, "scale": "auto"},
+    )
+    base.update(kw)
+    return WiseConfig.model_validate(base)
+
+
+def test_cached_engine_matches_naive_full_forward(tiny_model, tiny_tokenizer, edits, pool):
+    import copy
+
+    other = copy.deepcopy(tiny_model)
+    cached = WiseEditor(tiny_model, tiny_tokenizer, _cfg(), irrelevant=pool, engine="cached")
+    naive = WiseEditor(other, tiny_tokenizer, _cfg(), irrelevant=pool, engine="naive")
+    out_c = cached.apply(edits[:3])
+    out_n = naive.apply(edits[:3])
+    for c, n in zip(out_c, out_n, strict=True):
+        assert c.steps == n.steps
+        assert c.loss == pytest.approx(n.loss, rel=1e-4, abs=1e-5)
+    for mc, mn in zip(cached.routable(), naive.routable(), strict=True):
+        assert torch.allclose(mc.delta, mn.delta, atol=1e-5)
+        assert mc.threshold == pytest.approx(mn.threshold, rel=1e-4)
+
+
+def test_editing_changes_only_the_side_memory_and_learns(tiny_model, tiny_tokenizer, edits, pool):
+    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+    ed = WiseEditor(tiny_model, tiny_tokenizer, _cfg(n_iter=40, save_freq=4, merge_freq=4), irrelevant=pool)
+    pre = evaluate_records(tiny_model, ed.routed, ed.tokens, edits[:1], main_only=True, generate=False)
+    outs = ed.apply(edits[:1])
+    assert outs[0].steps >= 1 and outs[0].activation >= outs[0].threshold
+    after = tiny_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # main memory and everything else untouched
+    post = evaluate_records(tiny_model, ed.routed, ed.tokens, edits[:1], generate=False)
+    assert post["teacher_forced"]["reliability"] > pre["teacher_forced"]["reliability"]
+    assert post["routed_fraction"]["edit"] == 1.0
+    # the shard's gradient mask confines the edit to its own entries
+    from wise.masks import shard_mask
+
+    mask = shard_mask(tuple(ed.active.delta.shape), 0.2, "random", seed=0, shard_id=0)
+    assert ((ed.active.delta != 0) & ~mask).sum() == 0 and (ed.active.delta != 0).any()
+
+
+def test_determinism_same_seed_same_state(tiny_tokenizer, edits, pool, tiny_model):
+    import copy
+
+    m2 = copy.deepcopy(tiny_model)
+    a = WiseEditor(tiny_model, tiny_tokenizer, _cfg(), irrelevant=pool)
+    b = WiseEditor(m2, tiny_tokenizer, _cfg(), irrelevant=pool)
+    a.apply(edits)
+    b.apply(edits)
+    ta, ma = a.state_dict()
+    tb, mb = b.state_dict()
+    assert ma == mb
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_shard_and_merge_cadence_merge_mode(tiny_model, tiny_tokenizer, edits, pool):
+    ed = WiseEditor(tiny_model, tiny_tokenizer, _cfg(save_freq=1, merge_freq=2), irrelevant=pool)
+    ed.apply(edits[:1])
+    assert len(ed.pending) == 1 and not ed.merged and not ed.active.edit_ids
+    ed.apply(edits[1:2])
+    assert not ed.pending and len(ed.merged) == 1 and ed.merged[0].shard_ids == [0, 1]
+    ed.apply(edits[2:4])
+    # WISE-Merge folds the earlier merged memory into the new one
+    assert len(ed.merged) == 1 and ed.merged[0].edit_ids == ["e0", "e1", "e2", "e3"]
+    assert ed.routed.deltas.shape[0] == 1
+    assert ed.applied_ids() == ["e0", "e1", "e2", "e3"]
+
+
+def test_retrieve_mode_keeps_a_bank(tiny_model, tiny_tokenizer, edits, pool):
+    ed = WiseEditor(
+        tiny_model, tiny_tokenizer, _cfg(save_freq=1, merge_freq=2, retrieve=True), irrelevant=pool
+    )
+    ed.apply(edits)
+    assert len(ed.merged) == 2 and [m.edit_ids for m in ed.merged] == [["e0", "e1"], ["e2", "e3"]]
+    assert ed.routed.deltas.shape[0] == 2
+
+
+def test_state_round_trip_and_identical_continuation(
+    tmp_path,
+    tiny_model,
+    tiny_tokenizer,
+    edits,
+    pool,
+):
+    import copy
+
+    fresh = copy.deepcopy(tiny_model)
+    straight_model = copy.deepcopy(tiny_model)
+    straight = WiseEditor(straight_model, tiny_tokenizer, _cfg(), irrelevant=pool)
+    straight.apply(edits)
+
+    first = WiseEditor(tiny_model, tiny_tokenizer, _cfg(), irrelevant=pool)
+    first.apply(edits[:3])
+    first.save(tmp_path / "state")
+    assert not list(tmp_path.glob("state/*.pt")) and not list(tmp_path.glob("state/*.pkl"))
+
+    resumed = WiseEditor(fresh, tiny_tokenizer, _cfg(), irrelevant=pool)
+    resumed.load(tmp_path / "state")
+    probe = evaluate_records(fresh, resumed.routed, resumed.tokens, edits[:3], generate=False)
+    again = evaluate_records(tiny_model, first.routed, first.tokens, edits[:3], generate=False)
+    assert probe == again
+    resumed.apply(edits[3:])
+    ts, ms = straight.state_dict()
+    tr, mr = resumed.state_dict()
+    assert ms == mr
+    assert all(torch.equal(ts[k], tr[k]) for k in ts)
+
+
+def test_load_rejects_mismatching_state(tmp_path, tiny_model, tiny_tokenizer, edits, pool):
+    import copy
+
+    other = copy.deepcopy(tiny_model)
+    ed = WiseEditor(tiny_model, tiny_tokenizer, _cfg(), irrelevant=pool)
+    ed.apply(edits[:1])
+    ed.save(tmp_path)
+    with pytest.raises(StateError, match="different wise settings.*mask_ratio"):
+        WiseEditor(other, tiny_tokenizer, _cfg(mask_ratio=0.5), irrelevant=pool).load(tmp_path)
+    with pytest.raises(StateError, match="holds no WISE state"):
+        ed.load(tmp_path / "nowhere")
+
+
+def test_batch_editing_applies_several_edits_per_optimisation(tiny_model, tiny_tokenizer, edits, pool):
+    ed = WiseEditor(
+        tiny_model, tiny_tokenizer, _cfg(batch_size=2, save_freq=2, merge_freq=4), irrelevant=pool
+    )
+    outs = ed.apply(edits)
+    assert [o.edit_id for o in outs] == ["e0", "e1", "e2", "e3"]
+    assert outs[0].steps == outs[1].steps  # one optimisation per pair
+    assert len(ed.merged) == 1 and len(ed.merged[0].edit_ids) == 4
+
+
+def test_too_long_prompt_is_rejected_before_editing(tiny_model, tiny_tokenizer, edits, pool):
+    ed = WiseEditor(tiny_model, tiny_tokenizer, _cfg(max_prompt_tokens=16), irrelevant=pool)
+    long = type(edits[0])("long", "word " * 40, "x")
+    with pytest.raises(PromptTooLongError, match="max_prompt_tokens=16"):
+        ed.validate(long)
+    assert ed.n_edits == 0
+
+
+def test_config_errors_name_the_problem():
+    with pytest.raises(ValidationError, match=r"merge_freq \(10\) must be a multiple of save_freq \(3\)"):
+        WiseConfig(save_freq=3, merge_freq=10)
+    with pytest.raises(ValidationError, match="mask_ratoi"):
+        WiseConfig.model_validate({"mask_ratoi": 0.2})
+    with pytest.raises(ValidationError, match=r"unknown merge method 'dare'"):
+        WiseConfig.model_validate({"merge": {"method": "dare"}})
+
+
+def test_layout_errors(tiny_model, tiny_tokenizer):
+    with pytest.raises(LayoutError, match="out of range"):
+        WiseEditor(tiny_model, tiny_tokenizer, WiseConfig(layer=9))
+    with pytest.raises(LayoutError, match="must lie inside block"):
+        WiseEditor(tiny_model, tiny_tokenizer, WiseConfig(layer=1, module="model.layers.2.mlp.down_proj"))
+
+
+def test_gpt2_layout_is_supported(tiny_tokenizer, edits, pool):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(tiny_tokenizer),
+            n_embd=32,
+            n_layer=3,
+            n_head=4,
+            n_positions=128,
+            bos_token_id=2,
+            eos_token_id=2,
+        )
+    )
+    ed = WiseEditor(model.eval(), tiny_tokenizer, _cfg(layer=1, n_iter=30), irrelevant=pool)
+    assert ed.layout.module_path == "transformer.h.1.mlp.c_proj" and ed.routed.transposed
+    ed.apply(edits[:1])
+    post = evaluate_records(model, ed.routed, ed.tokens, edits[:1], generate=False)
+    assert post["routed_fraction"]["edit"] == 1.0
+
+
+def test_import_wise_pulls_in_neither_ray_nor_vllm():
+    code = "import wise.editor, wise.evaluate, sys; bad = {'ray', 'vllm'} & set(sys.modules); assert not bad, bad"
+    subprocess.run([sys.executable, "-c", code], check=True)

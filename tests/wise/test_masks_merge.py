@@ -1,0 +1,63 @@
+import pytest
+import torch
+
+from wise.masks import shard_mask
+from wise.merge import get_merger, linear_merge, ties_merge
+
+
+def test_disjoint_masks_are_orthogonal_and_cover_everything():
+    shape = (12, 20)
+    masks = [shard_mask(shape, 0.2, "disjoint", seed=3, shard_id=i) for i in range(5)]
+    total = torch.stack(masks).sum(0)
+    assert torch.equal(total, torch.ones(shape, dtype=total.dtype))  # each entry in exactly one shard
+    for m in masks:
+        assert abs(m.float().mean().item() - 0.2) < 0.01
+    # the sixth shard starts a new cycle with a different permutation
+    assert not torch.equal(shard_mask(shape, 0.2, "disjoint", seed=3, shard_id=5), masks[0])
+
+
+def test_random_masks_ratio_determinism_and_independence():
+    a = shard_mask((200, 300), 0.2, "random", seed=1, shard_id=0)
+    b = shard_mask((200, 300), 0.2, "random", seed=1, shard_id=0)
+    c = shard_mask((200, 300), 0.2, "random", seed=1, shard_id=1)
+    assert torch.equal(a, b)
+    assert abs(a.float().mean().item() - 0.2) < 0.01
+    overlap = (a & c).float().mean().item()
+    assert abs(overlap - 0.04) < 0.01  # independent Bernoulli(0.2) masks overlap on ~ratio^2
+
+
+def test_mask_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="unknown mask kind"):
+        shard_mask((2, 2), 0.2, "striped", 0, 0)
+    with pytest.raises(ValueError, match="ratio"):
+        shard_mask((2, 2), 1.5, "random", 0, 0)
+
+
+def test_ties_merge_hand_computed():
+    t1 = torch.tensor([[3.0, -1.0, 0.5, 2.0]])
+    t2 = torch.tensor([[1.0, 2.0, -0.4, -4.0]])
+    t3 = torch.tensor([[-2.0, 1.0, 0.3, 1.0]])
+    # density 0.5 keeps the 2 largest |.| of each: t1 -> [3,0,0,2], t2 -> [0,2,0,-4], t3 -> [-2,1,0,0]
+    # elected signs of the sums [1, 3, 0, -2]: [+, +, 0, -]
+    # entry 0: agreeing {3} -> 3; entry 1: {2, 1} -> 1.5; entry 2: nothing -> 0; entry 3: {-4} -> -4
+    merged = ties_merge([t1, t2, t3], density=0.5, weight=1.0)
+    assert torch.allclose(merged, torch.tensor([[3.0, 1.5, 0.0, -4.0]]))
+    assert torch.allclose(ties_merge([t1, t2, t3], density=0.5, weight=2.0), 2 * merged)
+
+
+def test_ties_full_density_disjoint_supports_is_sum():
+    # shards written through disjoint masks merge without interference: TIES returns their sum
+    a = torch.tensor([[1.0, 0.0], [0.0, -2.0]])
+    b = torch.tensor([[0.0, 3.0], [-1.0, 0.0]])
+    assert torch.equal(ties_merge([a, b], density=1.0), a + b)
+
+
+def test_merge_registry_and_errors():
+    assert get_merger("ties") is ties_merge
+    assert torch.equal(linear_merge([torch.ones(2), 3 * torch.ones(2)]), 2 * torch.ones(2))
+    with pytest.raises(ValueError, match=r"choose one of \['linear', 'ties'\]"):
+        get_merger("dare")
+    with pytest.raises(ValueError, match="differ in shape"):
+        ties_merge([torch.zeros(2, 2), torch.zeros(3)])
+    with pytest.raises(ValueError, match="at least one"):
+        ties_merge([])
