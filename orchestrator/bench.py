@@ -71,3 +71,67 @@ def speed_benchmark(cfg: JobConfig, n_edits: int = 3) -> dict[str, Any]:
     }
     ordered.update({k: v for k, v in result.items() if k not in ordered})
     return ordered
+
+
+@torch.no_grad()
+def layer_scan(cfg: JobConfig, n_records: int = 60) -> dict[str, Any]:
+    """Which layer's MLP-output input best tells an edit's own rephrase from unrelated prompts?
+
+    For every block, take the input of the MLP output projection, averaged over the prompt's tokens (the
+    router's ``mean`` statistic) and at the last token (``last``), centred on the irrelevant pool's mean. For
+    each edit record, count a hit when its rephrase is closer (cosine) to the edit prompt than every locality
+    prompt (of all records) and every pool prompt. A layer with a high hit rate gives the router a statistic
+    that can separate in-scope from out-of-scope queries.
+
+    Returns:
+        ``{"mean": [...per layer...], "last": [...], "best_mean_layer": int}`` hit rates.
+    """
+    from wise.layout import resolve_layout
+
+    if cfg.stream.path is None:
+        raise ValueError("the layer scan reads its records from stream.path")
+    records = [
+        r
+        for _, r in EditStream(open_source(cfg.stream.path, cfg.stream.format), max_records=n_records)
+        if r.rephrase and r.locality_prompt
+    ]
+    pool = [p for p, _ in irrelevant_pool(cfg)[:n_records]]
+    model, tokenizer = load_model(cfg)
+    n_layers = len(resolve_layout(model, 0).blocks)
+    captured: dict[int, torch.Tensor] = {}
+    hooks = []
+    for i in range(n_layers):
+        module = resolve_layout(model, i).module
+        hooks.append(module.register_forward_pre_hook(lambda _m, a, i=i: captured.__setitem__(i, a[0][0])))
+
+    def feats(text: str) -> dict[str, torch.Tensor]:
+        ids = tokenizer(text, return_tensors="pt").to(model.device)
+        model(**ids, use_cache=False, logits_to_keep=1)
+        return {
+            "mean": torch.stack([captured[i].float().mean(0) for i in range(n_layers)]),  # (L, d_in)
+            "last": torch.stack([captured[i][-1].float() for i in range(n_layers)]),
+        }
+
+    try:
+        edit = [feats(r.prompt) for r in records]
+        reph = [feats(r.rephrase[0]) for r in records]
+        unrelated = [feats(r.locality_prompt) for r in records] + [feats(p) for p in pool]
+    finally:
+        for h in hooks:
+            h.remove()
+    out: dict[str, Any] = {"records": len(records), "pool": len(pool)}
+    for how in ("mean", "last"):
+        pool_center = torch.stack([u[how] for u in unrelated[len(records) :]]).mean(0)  # (L, d_in)
+
+        def unit(x: torch.Tensor, c=pool_center) -> torch.Tensor:
+            return torch.nn.functional.normalize(x - c, dim=-1)
+
+        e = torch.stack([unit(f[how]) for f in edit])  # (N, L, d)
+        r = torch.stack([unit(f[how]) for f in reph])
+        u = torch.stack([unit(f[how]) for f in unrelated])  # (M, L, d)
+        own = (e * r).sum(-1)  # (N, L)
+        rival = torch.einsum("nld,mld->nml", e, u).amax(1)  # (N, L): closest unrelated prompt
+        out[how] = [round(float(x), 3) for x in (own > rival).float().mean(0)]
+    upper = range(n_layers // 2, n_layers)
+    out["best_mean_layer_upper_half"] = max(upper, key=lambda i: out["mean"][i])
+    return out

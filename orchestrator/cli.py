@@ -36,6 +36,14 @@ def _bench_speed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_layers(args: argparse.Namespace) -> int:
+    from orchestrator.bench import layer_scan
+
+    cfg = load_config(args.config, list(args.set or []))
+    sys.stdout.write(json.dumps(layer_scan(cfg, n_records=args.records)) + "\n")
+    return 0
+
+
 def _model(args: argparse.Namespace) -> int:
     from orchestrator.model_store import materialise_embedded
 
@@ -59,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--config", type=Path, default=Path("configs/default.yaml"))
     speed.add_argument("--set", action="append", metavar="KEY=VALUE")
     speed.set_defaults(func=_bench_speed)
+    layers = bench_sub.add_parser(
+        "layers", help="which layer's activations separate edits from unrelated prompts"
+    )
+    layers.add_argument("--records", type=int, default=60)
+    layers.add_argument("--config", type=Path, default=Path("configs/default.yaml"))
+    layers.add_argument("--set", action="append", metavar="KEY=VALUE")
+    layers.set_defaults(func=_bench_layers)
     model = sub.add_parser("model", help="materialise the embedded model checkpoint and print its path")
     model.set_defaults(func=_model)
     return parser

@@ -306,7 +306,7 @@ class WiseEditor:
         return rows, flags, key_rows
 
     def _anchors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Prompt activations of the active shard's earlier edits, padded: ((K, P, d_in), (K, P) span)."""
+        """Prompt activations of the active shard's earlier edits, padded: (K, P, d_in) and span (K, P)."""
         if not self.cfg.anchor_previous or not self.active.edit_ids:
             return None
         keys = [self._key(e, p) for e, p in zip(self.active.edit_ids, self.active.prompts, strict=True)]
@@ -440,6 +440,10 @@ class WiseEditor:
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Return (tensors, JSON-able metadata) describing the full editor state."""
         tensors: dict[str, torch.Tensor] = {"active": self.active.delta.contiguous().cpu()}
+        for i, eid in enumerate(self.active.edit_ids):
+            # the anchors of the active shard come from the engine's own forward pass: store them so that a
+            # resumed editor trains on exactly the same numbers
+            tensors[f"active.key.{i}"] = self._key(eid, self.active.prompts[i]).contiguous()
         for kind, mems in (("pending", self.pending), ("merged", self.merged)):
             for i, m in enumerate(mems):
                 tensors[f"{kind}.{i}"] = m.delta.contiguous().cpu()
@@ -494,9 +498,11 @@ class WiseEditor:
         self.templates = meta["templates"]
         self.margins = None if meta["margins"] is None else Margins(*meta["margins"])
         self.active = mem(meta["active"], "active")
+        self._keys.clear()
+        for i, eid in enumerate(self.active.edit_ids):
+            self._keys[eid] = tensors[f"active.key.{i}"]
         self.pending = [mem(m, f"pending.{i}") for i, m in enumerate(meta["pending"])]
         self.merged = [mem(m, f"merged.{i}") for i, m in enumerate(meta["merged"])]
-        self._keys.clear()
         self._sync_router()
 
     def save(self, directory: str | Path) -> Path:

@@ -120,9 +120,10 @@ class _Engine:
             delta: side-memory task vector (d_out, d_in); updated in place.
             mask: bool gradient mask of the shard, same shape as ``delta``.
             cfg: step settings.
-            anchors: optional ``(a, span)`` of shape (K, P, d_in) / (K, P): prompt activations of edits already
-                in this shard. They join the in-scope side of the margin loss so that training a new edit does
-                not pull earlier edits' routing activations below the threshold. They need no forward pass.
+            anchors: optional ``(a, span)`` of shapes (K, P, d_in) / (K, P): prompt activations of edits
+                already in this shard. They join the in-scope side of the margin loss, so that training a new
+                edit does not pull earlier edits' routing activations below the threshold. They need no
+                forward pass: they live at the edited layer.
 
         Returns:
             The :class:`EditResult`.

@@ -141,3 +141,27 @@ def test_auto_margins_without_pool_fail_at_setup(tmp_path, model_dir, edits):
 def test_job_needs_edits(tmp_path):
     with pytest.raises(JobError, match="stream.path"):
         EditJob(build_config({}, [f"output.dir={tmp_path}"]))
+
+
+def test_speed_benchmark_and_layer_scan_on_tiny_model(tmp_path, model_dir, edits, capsys):
+    data = tmp_path / "edits.jsonl"
+    data.write_text("\n".join(_edit_lines(edits)) + "\n")
+    config = tmp_path / "job.yaml"
+    config.write_text(f"stream:\n  path: {data}\n  format: jsonl\nirrelevant:\n  path: {data}\n")
+    args = []
+    for o in _overrides(tmp_path, model_dir):
+        args += ["--set", o]
+    assert main(["bench", "speed", "--edits", "2", "--config", str(config), *args]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert list(result)[:4] == ["seconds_per_edit_engine", "seconds_per_edit_naive", "ratio", "metrics_equal"]
+    assert result["edits"] == 2 and result["metrics_equal"] is True
+    assert result["steps_engine"] == result["steps_naive"]
+    assert result["ratio"] > 0
+    assert (
+        main(
+            ["bench", "layers", "--records", "4", "--config", str(config), "--set", f"model.name={model_dir}"]
+        )
+        == 0
+    )
+    scan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(scan["mean"]) == len(scan["last"]) == 4 and all(0 <= x <= 1 for x in scan["mean"])
