@@ -91,6 +91,7 @@ class EditJob:
         self.applied: list[EditRecord] = []
         self.outcomes: list[Any] = []
         self.report: dict[str, Any] | None = None
+        self.rejected_by_editor = 0  # valid records the editor cannot take (too long, duplicate id)
 
     def setup(self) -> None:
         """Load model, tokenizer and irrelevant pool; open the stream and the dead-letter file."""
@@ -112,7 +113,7 @@ class EditJob:
         self.dead_letter.write(
             position=position, source=self.stream.source.name, reason=reason, raw=rec.to_json()
         )
-        self.too_long += 1
+        self.rejected_by_editor += 1
 
     def run(self) -> dict[str, Any]:
         """Apply the stream, evaluate retention, save the state, and write the report.
@@ -124,7 +125,6 @@ class EditJob:
             self.setup()
         assert self.editor is not None and self.stream is not None
         cfg, editor = self.cfg, self.editor
-        self.too_long = 0
         start = time.perf_counter()
         bar = tqdm(total=cfg.max_edits, desc="editing", unit="edit", dynamic_ncols=True)
         pending: list[tuple[int, EditRecord]] = []
@@ -181,13 +181,14 @@ class EditJob:
         return {
             "edits_seen": self.stream.seen,
             "edits_applied": n,
-            "dead_lettered": self.stream.rejected + self.too_long,
+            "dead_lettered": self.stream.rejected + self.rejected_by_editor,
             "evaluated_edits": len(sample),
             "retention": post["teacher_forced"],
             "retention_generate": post.get("generate"),
             "pre": pre["teacher_forced"],
             "pre_generate": pre.get("generate"),
             "routed_fraction": post["routed_fraction"],
+            "score_over_threshold": post["score_over_threshold"],
             "router": {
                 "memories": [
                     {"edits": len(m.edit_ids), "shards": m.shard_ids, "threshold": m.threshold}
@@ -199,7 +200,9 @@ class EditJob:
             "seconds_per_edit": edit_seconds / n if n else None,
             "wall_seconds": time.perf_counter() - start,
             "state_dir": str(state_dir),
-            "dead_letter": str(cfg.dead_letter_path()) if self.stream.rejected + self.too_long else None,
+            "dead_letter": str(cfg.dead_letter_path())
+            if self.stream.rejected + self.rejected_by_editor
+            else None,
             "per_edit": post["per_edit"],
             "config": cfg.model_dump(mode="json"),
         }

@@ -246,6 +246,9 @@ class WiseEditor:
     def _pool_directions(self) -> torch.Tensor:
         """Unit-norm, centred mean prompt activation of every pool prompt: (n_pool, d_in), computed once."""
         if self._pool_dirs is None:
+            logger.info(
+                "measuring %d irrelevant prompts for hard-negative selection (once)", len(self.irrelevant)
+            )
             means = torch.stack(
                 [k.float().mean(0) for k in self.prompt_keys([p for p, _ in self.irrelevant])]
             )
@@ -430,6 +433,10 @@ class WiseEditor:
         )
         self.merged = [*self.merged, merged] if self.cfg.retrieve else [merged]
         self.pending = []
+        # Keys are needed again only if this memory is merged once more (WISE-Merge); recompute them then
+        # rather than hold every edit's activations for the life of the stream.
+        for eid in merged.edit_ids:
+            self._keys.pop(eid, None)
         self._sync_router()
 
     # ------------------------------------------------------------------ state

@@ -28,6 +28,7 @@ class TokenPredictions:
     predicted: list[torch.Tensor]
     gold: list[torch.Tensor]
     route: torch.Tensor  # (N,) memory index per row, -1 = main memory
+    ratio: torch.Tensor  # (N,) best routing score / threshold per row (>= 1 routes to a side memory)
 
 
 @torch.no_grad()
@@ -54,7 +55,7 @@ def answer_predictions(
         :class:`TokenPredictions`.
     """
     device = routed.weight.device
-    predicted, gold, routes = [], [], []
+    predicted, gold, routes, ratios = [], [], [], []
     for i in range(0, len(pairs), batch_size):
         rows = [tokens.row(p, a) for p, a in pairs[i : i + batch_size]]
         batch = tokens.collate(rows).to(device)
@@ -64,13 +65,18 @@ def answer_predictions(
                 input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
             ).logits
         routes.append(routed.last_choice.cpu())
+        ratios.append(routed.last_ratio.float().cpu())
         argmax = logits.argmax(-1)  # (B, T)
         for r in range(len(rows)):
             where = batch.labels[r] != IGNORE
             predicted.append(argmax[r][where].cpu())
             gold.append(batch.labels[r][where].cpu())
+    empty = torch.zeros(0)
     return TokenPredictions(
-        predicted, gold, torch.cat(routes) if routes else torch.zeros(0, dtype=torch.long)
+        predicted,
+        gold,
+        torch.cat(routes) if routes else empty.long(),
+        torch.cat(ratios) if ratios else empty,
     )
 
 
@@ -131,6 +137,13 @@ def generation_hits(
         text = greedy_generate(model, routed, tokens, prompt, budget, main_only=main_only)
         hits.append(float(target.strip().lower() in text.lower()))
     return hits
+
+
+def _quantiles(x: torch.Tensor) -> dict[str, float] | None:
+    """min / median / max of routing score over threshold: where queries sit relative to the router's cut."""
+    if not x.numel():
+        return None
+    return {"min": float(x.min()), "median": float(x.median()), "max": float(x.max())}
 
 
 def mean(values: Sequence[float]) -> float | None:
@@ -196,6 +209,9 @@ def evaluate_records(
             name: mean([float(c >= 0) for c in p.route.tolist()])
             for name, p in (("edit", rel), ("rephrase", gen), ("locality", loc))
         },
+    }
+    out["score_over_threshold"] = {
+        name: _quantiles(p.ratio) for name, p in (("edit", rel), ("rephrase", gen), ("locality", loc))
     }
     rel_gen = gen_gen = []
     if generate:

@@ -69,7 +69,9 @@ class RoutedLinear(nn.Module):
         self.register_buffer("thresholds", torch.zeros(0, dtype=torch.float32), persistent=False)
         self._span: torch.Tensor | None = None
         self._routing_enabled = True
+        # diagnostics of the latest forward (not used for computation): chosen memory and best score/threshold
         self.last_choice: torch.Tensor | None = None
+        self.last_ratio: torch.Tensor | None = None
 
     def set_memories(self, deltas: torch.Tensor, thresholds: torch.Tensor) -> None:
         """Replace the routed side memories (K, d_out, d_in) and their thresholds (K,)."""
@@ -119,10 +121,12 @@ class RoutedLinear(nn.Module):
         """Index of the answering memory per sequence (B,), -1 for the main memory."""
         batch = a.shape[0]
         if self.deltas.shape[0] == 0 or not self._routing_enabled:
+            self.last_ratio = torch.zeros(batch, device=a.device)
             return torch.full((batch,), -1, dtype=torch.long, device=a.device)
         scores = self.scores(a)  # (K, B)
         ratio = scores / self.thresholds.clamp(min=1e-12).unsqueeze(1)  # (K, B)
         best_ratio, best = ratio.max(dim=0)  # (B,)
+        self.last_ratio = best_ratio.detach()
         return torch.where(best_ratio >= 1.0, best, torch.full_like(best, -1))
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:

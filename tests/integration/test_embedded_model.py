@@ -43,9 +43,10 @@ def test_few_edits_are_learned_routed_and_leave_unrelated_prompts_alone(tmp_path
     assert json.loads((tmp_path / "report.json").read_text())["edits_applied"] == 3
 
 
-@pytest.mark.slow
 def test_default_job_quality_bar_t20(tmp_path, smollm2):
-    """The issue's bar: 20 sequential CounterFact edits, reliability >= 0.9 and locality >= 0.95."""
+    """The bar for the default job: 20 sequential CounterFact edits, reliability >= 0.9 and locality >= 0.95.
+
+    About 4 minutes on 2 CPU cores; kept in the default suite because it is the claim the project makes."""
     cfg = load_config(ROOT / "configs" / "default.yaml", [f"output.dir={tmp_path}", "eval.generate=false"])
     report = run_job(cfg, model=_fresh(smollm2))
     assert report["edits_applied"] == 20

@@ -90,6 +90,11 @@ def test_cli_run_writes_report_state_and_dead_letters(tmp_path, model_dir, edits
     assert report["retention"].keys() == {"reliability", "generalization", "locality"}
     assert report["retention_generate"].keys() == {"reliability", "generalization"}
     assert report["config"]["wise"]["layer"] == 2
+    # router diagnostics: where edit prompts sit relative to the threshold at evaluation time
+    assert report["score_over_threshold"]["edit"]["min"] >= 0
+    assert (report["score_over_threshold"]["edit"]["min"] >= 1.0) == (
+        report["routed_fraction"]["edit"] == 1.0
+    )
     assert [e["id"] for e in report["per_edit"]] == ["e0", "e1", "e2"]
     dead = read_dead_letters(tmp_path / "out" / "dead_letter.jsonl")
     reasons = " | ".join(d.reason for d in dead)

@@ -198,3 +198,29 @@ def test_gpt2_layout_is_supported(tiny_tokenizer, edits, pool):
 def test_import_wise_pulls_in_neither_ray_nor_vllm():
     code = "import wise.editor, wise.evaluate, sys; bad = {'ray', 'vllm'} & set(sys.modules); assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_hard_negatives_are_the_pool_prompts_nearest_to_the_edit(tiny_model, tiny_tokenizer, edits, pool):
+    big_pool = (
+        pool + [(e.locality_prompt, e.locality_answer) for e in edits] + [("Danielle Darrieux speaks", "x")]
+    )
+    ed = WiseEditor(
+        tiny_model, tiny_tokenizer, _cfg(n_irrelevant=3, hard_negatives=2 / 3), irrelevant=big_pool
+    )
+    chosen = ed._irrelevant_for(0, edits[:1])
+    assert len(chosen) == 3 and len(set(chosen)) == 3
+    # independent computation: cosine of centred mean prompt activations, excluding the edit's own prompt
+    means = torch.stack([k.float().mean(0) for k in ed.prompt_keys([p for p, _ in big_pool])])
+    center = means.mean(0)
+    query = ed.prompt_keys([edits[0].prompt])[0].float().mean(0) - center
+    sims = torch.nn.functional.cosine_similarity(means - center, query.unsqueeze(0), dim=-1)
+    expected = [big_pool[i] for i in sims.argsort(descending=True)[:2].tolist()]
+    assert chosen[:2] == expected
+    # without hard negatives the draw is seeded-random, deterministic per edit index
+    ed2 = WiseEditor(
+        tiny_model.__class__(tiny_model.config).eval(),
+        tiny_tokenizer,
+        _cfg(n_irrelevant=3),
+        irrelevant=big_pool,
+    )
+    assert ed2._irrelevant_for(5, edits[:1]) == ed2._irrelevant_for(5, edits[:1])
