@@ -429,7 +429,12 @@ class WiseEditor:
                 merged.shard_ids += m.shard_ids
         self._refresh_threshold(merged)
         logger.info(
-            "merged %d shards (%d edits), threshold %.3f", len(group), len(merged.edit_ids), merged.threshold
+            "%s (%d edits), threshold %.3f",
+            f"merged {len(group)} shards"
+            if len(group) > 1
+            else f"shard {group[0].shard_ids} kept as a memory",
+            len(merged.edit_ids),
+            merged.threshold,
         )
         self.merged = [*self.merged, merged] if self.cfg.retrieve else [merged]
         self.pending = []

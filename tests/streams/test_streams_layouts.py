@@ -10,7 +10,7 @@ import pytest
 from streams import LAYOUTS, FormatError, InvalidRecordError, RecordLimits, detect_layout
 from streams.layouts import get_layout, sniff_layout
 
-DATA = Path("/work/shared/data")
+DATA = Path(__file__).resolve().parents[2] / "data"  # the samples the project ships
 LIMITS = RecordLimits()
 
 ZSRE_ROW = {
@@ -111,12 +111,18 @@ def test_unknown_layout_lists_choices() -> None:
         get_layout("nope")
 
 
-@pytest.mark.skipif(not DATA.is_dir(), reason="shared data folder not available")
 @pytest.mark.parametrize(
-    ("name", "layout"), [("zsre_train_1k.json", "zsre"), ("counterfact_edit_10k.json", "counterfact")]
+    ("name", "layout", "count"),
+    [
+        ("zsre_100.json", "zsre", 100),
+        ("zsre_irrelevant_200.json", "zsre", 200),
+        ("counterfact_100.json", "counterfact", 100),
+        ("counterfact_irrelevant_400.json", "counterfact", 400),
+    ],
 )
-def test_real_samples_parse(name: str, layout: str) -> None:
-    rows = json.loads((DATA / name).read_text(encoding="utf-8"))[:5]
-    assert detect_layout(rows[0]) == layout
+def test_shipped_samples_parse_completely(name: str, layout: str, count: int) -> None:
+    rows = json.loads((DATA / name).read_text(encoding="utf-8"))
+    assert len(rows) == count and detect_layout(rows[0]) == layout
     records = [LAYOUTS[layout].to_record(row, index, LIMITS) for index, row in enumerate(rows)]
     assert all(record.rephrase and record.locality_text() for record in records)
+    assert len({r.id for r in records}) == count

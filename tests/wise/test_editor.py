@@ -224,3 +224,20 @@ def test_hard_negatives_are_the_pool_prompts_nearest_to_the_edit(tiny_model, tin
         irrelevant=big_pool,
     )
     assert ed2._irrelevant_for(5, edits[:1]) == ed2._irrelevant_for(5, edits[:1])
+
+
+def test_replay_adds_earlier_edits_of_the_shard_to_the_batch(tiny_model, tiny_tokenizer, edits, pool):
+    ed = WiseEditor(
+        tiny_model,
+        tiny_tokenizer,
+        _cfg(replay=True, replay_size=4, n_irrelevant=0, save_freq=4),
+        irrelevant=pool,
+    )
+    ed.apply(edits[:2])
+    rows, flags, _ = ed._rows(edits[2:3])
+    n_templates = len(ed.templates)
+    replayed = rows[n_templates:]
+    assert len(replayed) == 2 and all(flags)
+    assert {ed.tokens.tokenizer.decode(r.query + r.answer) for r in replayed} == {
+        f"{e.prompt} {e.target}" for e in edits[:2]
+    }
