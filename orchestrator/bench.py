@@ -45,7 +45,7 @@ def speed_benchmark(cfg: JobConfig, n_edits: int = 3) -> dict[str, Any]:
         editor = WiseEditor(
             m, tokenizer, cfg.wise, irrelevant=pool, engine="cached" if name == "engine" else "naive"
         )
-        editor._ensure_ready()  # templates + margins outside the timed region, same for both
+        editor.prepare()  # templates, margins and pool activations outside the timed region, same for both
         logger.info("timing the %s over %d edits", name, len(records))
         t0 = time.perf_counter()
         outs = editor.apply(records)

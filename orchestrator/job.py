@@ -103,6 +103,7 @@ class EditJob:
         )
         model, tokenizer = self._preloaded or load_model(cfg)
         self.editor = WiseEditor(model, tokenizer, cfg.wise, irrelevant=irrelevant_pool(cfg))
+        self.editor.prepare()
         Path(cfg.output.dir).mkdir(parents=True, exist_ok=True)
         self.dead_letter = DeadLetterFile(cfg.dead_letter_path())
         self.stream = EditStream(source, dead_letter=self.dead_letter)

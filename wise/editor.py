@@ -141,6 +141,13 @@ class WiseEditor:
     def device(self) -> torch.device:
         return self.routed.weight.device
 
+    def prepare(self) -> None:
+        """Do the one-time work up front: context templates, margins, and (with hard negatives) the pool's
+        activations. Editing calls it lazily; call it before timing edits."""
+        self._ensure_ready()
+        if self.cfg.hard_negatives and self.irrelevant:
+            self._pool_directions()
+
     def _ensure_ready(self) -> None:
         """Sample the context templates and fix the margins on first use (both are saved in the state)."""
         if self.templates is None:
