@@ -148,9 +148,10 @@ class EditJob:
             )
             pending.clear()
 
+        def full() -> bool:
+            return cfg.max_edits is not None and len(self.applied) + len(pending) >= cfg.max_edits
+
         for position, rec in self.stream:
-            if cfg.max_edits is not None and len(self.applied) + len(pending) >= cfg.max_edits:
-                break
             if rec.id in seen_ids:
                 self._reject(position, rec, f"duplicate edit id {rec.id!r} (already applied in this job)")
                 continue
@@ -163,6 +164,8 @@ class EditJob:
             pending.append((position, rec))
             if len(pending) == cfg.wise.batch_size:
                 flush()
+            if full():  # stop before reading the next record: it stays unread for a later run
+                break
         flush()
         bar.close()
         state_dir = editor.save(Path(cfg.output.dir) / "state")

@@ -34,6 +34,7 @@ def test_few_edits_are_learned_routed_and_leave_unrelated_prompts_alone(tmp_path
     )
     report = run_job(cfg, model=_fresh(smollm2))
     assert report["edits_applied"] == 3 and report["dead_lettered"] == 0
+    assert report["edits_seen"] == 3  # the stream is not read past max_edits
     assert (
         report["pre"]["reliability"] < 0.5
     )  # CounterFact targets are counterfactual: the model does not know them
