@@ -134,8 +134,7 @@ class WiseEditor:
 
     # ------------------------------------------------------------------ setup
     def _zeros(self) -> torch.Tensor:
-        w = self.layout.module.weight if hasattr(self, "layout") else self.routed.weight
-        return torch.zeros_like(w, requires_grad=False)
+        return torch.zeros_like(self.routed.weight, requires_grad=False)
 
     @property
     def device(self) -> torch.device:

@@ -110,7 +110,8 @@ class RoutedLinear(nn.Module):
 
     def scores(self, a: torch.Tensor) -> torch.Tensor:
         """Routing score of every memory for every sequence: (K, B)."""
-        per_token = torch.stack([token_activation(a, d, self.transposed) for d in self.deltas])  # (K, B, T)
+        eq = "btd,kdo->kbto" if self.transposed else "btd,kod->kbto"
+        per_token = torch.einsum(eq, a, self.deltas).norm(dim=-1)  # (K, B, T)
         span = self._span
         if span is not None and span.shape != a.shape[:2]:
             # Decode steps with a KV cache see one new token: route it on itself.
@@ -137,8 +138,8 @@ class RoutedLinear(nn.Module):
         self.last_choice = choice.detach()
         if self.deltas.shape[0] == 0 or not self._routing_enabled:
             return out
-        # Gather each sequence's side memory (zeros for main) and add its contribution in one batched matmul.
-        padded = torch.cat([self.deltas, torch.zeros_like(self.deltas[:1])])  # (K+1, d_out, d_in)
-        chosen = padded[choice]  # (B, d_out, d_in); index -1 picks the zero memory
+        # Gather each sequence's side memory and add its contribution in one batched matmul; sequences on the
+        # main memory (choice -1) borrow memory 0 and are masked out, so nothing is copied per call.
+        chosen = self.deltas[choice.clamp(min=0)]  # (B, d_out, d_in)
         extra = a @ chosen if self.transposed else a @ chosen.transpose(1, 2)  # (B, T, d_out)
-        return out + extra
+        return out + extra * (choice >= 0).to(extra.dtype).view(-1, 1, 1)
