@@ -9,17 +9,13 @@ needed to continue identically; ``save()`` / ``load()`` write safetensors + JSON
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from wise.batch import IGNORE, PromptTooLongError, Row, Tokens
@@ -29,13 +25,10 @@ from wise.layout import resolve_layout
 from wise.masks import shard_mask
 from wise.merge import get_merger
 from wise.router import RoutedLinear, reduce_span, token_activation
+from wise.state import STATE_VERSION, StateError, read_state, write_state
 from wise.templates import generate_templates
 
 logger = logging.getLogger(__name__)
-
-STATE_VERSION = 1
-_TENSORS = "wise_state.safetensors"
-_META = "wise_state.json"
 
 
 class EditLike(Protocol):
@@ -44,10 +37,6 @@ class EditLike(Protocol):
     id: str
     prompt: str
     target: str
-
-
-class StateError(ValueError):
-    """A saved state does not match this editor (model shape, config, or format version)."""
 
 
 @dataclass
@@ -525,20 +514,7 @@ class WiseEditor:
 
     def save(self, directory: str | Path) -> Path:
         """Write the state atomically to ``directory`` (safetensors + JSON). Returns the directory."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors, meta = self.state_dict()
-        for name, write in (
-            (_TENSORS, lambda p: save_file(tensors, p)),
-            (_META, lambda p: Path(p).write_text(json.dumps(meta, indent=1))),
-        ):
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
-            os.close(fd)
-            write(tmp)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, directory / name)
-        return directory
+        return write_state(directory, *self.state_dict())
 
     def load(self, directory: str | Path) -> None:
         """Restore the state written by :meth:`save`.
@@ -546,10 +522,7 @@ class WiseEditor:
         Raises:
             StateError: missing files or a mismatching state.
         """
-        directory = Path(directory)
-        if not (directory / _TENSORS).is_file() or not (directory / _META).is_file():
-            raise StateError(f"{directory} holds no WISE state ({_TENSORS} + {_META})")
-        self.load_state_dict(load_file(directory / _TENSORS), json.loads((directory / _META).read_text()))
+        self.load_state_dict(*read_state(directory))
 
 
 __all__ = ["EditOutcome", "Memory", "PromptTooLongError", "StateError", "WiseEditor"]
