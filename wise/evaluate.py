@@ -197,7 +197,8 @@ def evaluate_records(
     rel = answer_predictions(model, routed, tokens, rel_pairs, main_only=main_only)
     gen = answer_predictions(model, routed, tokens, gen_pairs, main_only=main_only)
     loc = answer_predictions(model, routed, tokens, loc_pairs, main_only=main_only)
-    loc_ref = answer_predictions(model, routed, tokens, loc_pairs, main_only=True)
+    # the pre-edit reference is the main memory alone: when that is what we measure, it is the same pass
+    loc_ref = loc if main_only else answer_predictions(model, routed, tokens, loc_pairs, main_only=True)
     rel_acc, gen_acc, loc_agree = token_accuracy(rel), token_accuracy(gen), agreement(loc, loc_ref)
     out = {
         "teacher_forced": {
