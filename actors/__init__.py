@@ -1,2 +1,3 @@
-"""Ray actors over ``wise`` (editor, evaluator) and the vLLM serving replica: built in the orchestration and
-serving stages. Kept empty here so that the package layout is fixed from the start."""
+"""Thin Ray shells over ``wise``: the editor actor (trains side-memory shards on one model replica) and the
+evaluator actor (measures retention of a published state). The classes are plain Python; the orchestrator
+wraps them with ``ray.remote`` and its resource settings, so they can also be used (and tested) in-process."""

@@ -53,7 +53,51 @@ class EvalConfig(_Frozen):
     generate: bool = Field(
         True, description="also measure free-generation (greedy) reliability/generalization"
     )
-    max_records: int | None = Field(None, ge=1, description="evaluate on at most this many applied edits")
+    max_records: int | None = Field(
+        None, ge=1, description="final evaluation on at most this many applied edits (evenly spread)"
+    )
+    every: int | None = Field(
+        None, ge=1, description="continuous retention measurement every this many applied edits (None: off)"
+    )
+    sample: int = Field(32, ge=1, description="past edits sampled per continuous measurement")
+    locality_set: int = Field(
+        32, ge=0, description="fixed locality set: locality pairs of the stream's first N records"
+    )
+
+
+class RuntimeConfig(_Frozen):
+    """Where and how wide the job runs on Ray."""
+
+    address: str | None = Field(
+        None,
+        description="Ray cluster to join; None: the cluster of `ray job submit` (RAY_ADDRESS), else a new "
+        "local instance",
+    )
+    editors: int = Field(1, ge=1, description="editor actors, each holding one model replica")
+    shards_per_editor: int = Field(
+        1, ge=1, description="shards an editor trains at once, as one batched computation"
+    )
+    editor_cpus: float = Field(1.0, gt=0, description="CPUs reserved per editor (also its torch threads)")
+    editor_gpus: float = Field(0.0, ge=0, description="GPUs per editor (fractions share a device)")
+    evaluator_cpus: float = Field(0.0, ge=0, description="CPUs reserved for the evaluator actor")
+    evaluator_gpus: float = Field(0.0, ge=0)
+    local_cpus: int | None = Field(
+        None, ge=1, description="CPUs of a local Ray instance (None: all of this machine's)"
+    )
+    max_actor_failures: int = Field(
+        8, ge=0, description="editor deaths tolerated per run before the job gives up"
+    )
+
+
+class CheckpointConfig(_Frozen):
+    dir: str | None = Field(
+        None, description="checkpoint directory (default <output.dir>/checkpoint); same dir = resume"
+    )
+    every: int | None = Field(
+        None,
+        ge=1,
+        description="also checkpoint every this many edits inside a shard (always at shard ends and merges)",
+    )
 
 
 class OutputConfig(_Frozen):
@@ -70,10 +114,15 @@ class JobConfig(_Frozen):
     wise: WiseConfig = WiseConfig()
     eval: EvalConfig = EvalConfig()
     output: OutputConfig = OutputConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     max_edits: int | None = Field(None, ge=1, description="stop after this many applied edits")
 
     def report_path(self) -> Path:
         return Path(self.output.report) if self.output.report else Path(self.output.dir) / "report.json"
+
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.output.dir) / "checkpoint"
 
     def dead_letter_path(self) -> Path:
         return (

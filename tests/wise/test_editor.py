@@ -207,7 +207,7 @@ def test_hard_negatives_are_the_pool_prompts_nearest_to_the_edit(tiny_model, tin
     ed = WiseEditor(
         tiny_model, tiny_tokenizer, _cfg(n_irrelevant=3, hard_negatives=2 / 3), irrelevant=big_pool
     )
-    chosen = ed._irrelevant_for(0, edits[:1])
+    chosen = ed.trainer.irrelevant_for(0, edits[:1])
     assert len(chosen) == 3 and len(set(chosen)) == 3
     # independent computation: cosine of centred mean prompt activations, excluding the edit's own prompt
     means = torch.stack([k.float().mean(0) for k in ed.prompt_keys([p for p, _ in big_pool])])
@@ -223,7 +223,7 @@ def test_hard_negatives_are_the_pool_prompts_nearest_to_the_edit(tiny_model, tin
         _cfg(n_irrelevant=3),
         irrelevant=big_pool,
     )
-    assert ed2._irrelevant_for(5, edits[:1]) == ed2._irrelevant_for(5, edits[:1])
+    assert ed2.trainer.irrelevant_for(5, edits[:1]) == ed2.trainer.irrelevant_for(5, edits[:1])
 
 
 def test_replay_adds_earlier_edits_of_the_shard_to_the_batch(tiny_model, tiny_tokenizer, edits, pool):
@@ -234,7 +234,7 @@ def test_replay_adds_earlier_edits_of_the_shard_to_the_batch(tiny_model, tiny_to
         irrelevant=pool,
     )
     ed.apply(edits[:2])
-    rows, flags, _ = ed._rows(edits[2:3])
+    rows, flags, _ = ed.trainer._rows(ed.active, ed.n_edits, edits[2:3])
     n_templates = len(ed.templates)
     replayed = rows[n_templates:]
     assert len(replayed) == 2 and all(flags)

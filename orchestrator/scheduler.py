@@ -1,0 +1,144 @@
+"""Shard bookkeeping of a job, independent of where shards are trained.
+
+Accepted records are numbered in stream order; shard ``s`` holds records ``[s*F, (s+1)*F)`` with
+``F = wise.save_freq``, so shards are fixed by the stream alone and can be trained anywhere, in any order, any
+number of times (a retrained shard gives the same memory). Finished shards enter the
+:class:`~wise.memory.MemoryBank` strictly in shard order, which applies the merge cadence exactly as the
+single-process editor does. Only the last shard may hold fewer than ``F`` records: at the end of a stream it is
+the *active* shard, routable but not stored, as in :class:`~wise.editor.WiseEditor`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from streams import EditRecord
+from wise.memory import Memory, MemoryBank
+from wise.trainer import EditOutcome
+
+
+@dataclass
+class ShardTask:
+    """A shard not yet stored in the bank."""
+
+    shard_id: int
+    start: int  # index of its first record among accepted records
+    records: list[EditRecord] = field(default_factory=list)
+    progress: Memory | None = None  # side memory so far (CPU), None = nothing applied
+    worker: int | None = None  # editor it is in flight on
+    last_worker: int | None = None  # editor that last trained it (it caches the shard)
+
+    @property
+    def applied(self) -> int:
+        return 0 if self.progress is None else len(self.progress.edit_ids)
+
+
+class ShardBook:
+    """Assigns accepted records to shards, tracks their progress, and stores finished shards in order.
+
+    Args:
+        save_freq: edits per shard.
+        bank: where finished shards go.
+        first_shard: the first shard id not yet in ``bank`` (resuming).
+    """
+
+    def __init__(self, save_freq: int, bank: MemoryBank, first_shard: int = 0) -> None:
+        self.save_freq = save_freq
+        self.bank = bank
+        self.records: list[EditRecord] = []
+        self.tasks: dict[int, ShardTask] = {}
+        self.next_store = first_shard
+        self.outcomes = 0
+        self.steps = 0
+
+    # ------------------------------------------------------------------ records
+    def add(self, rec: EditRecord) -> None:
+        """Append an accepted record to its shard."""
+        index = len(self.records)
+        self.records.append(rec)
+        sid = index // self.save_freq
+        task = self.tasks.get(sid)
+        if task is None:
+            task = self.tasks[sid] = ShardTask(sid, sid * self.save_freq)
+        task.records.append(rec)
+
+    def full(self, task: ShardTask) -> bool:
+        return len(task.records) == self.save_freq
+
+    def open_shards(self) -> int:
+        """Full shards not yet finished: the work queued or running (what backpressure limits)."""
+        return sum(1 for t in self.tasks.values() if self.full(t) and t.applied < self.save_freq)
+
+    def ready(self, stream_done: bool) -> list[ShardTask]:
+        """Shards with edits to apply and not in flight, lowest id first. The last, partial shard is ready only
+        once the stream has nothing more for it."""
+        out = []
+        for sid in sorted(self.tasks):
+            t = self.tasks[sid]
+            if t.worker is None and t.applied < len(t.records) and (self.full(t) or stream_done):
+                out.append(t)
+        return out
+
+    def in_flight(self) -> list[ShardTask]:
+        return [t for t in self.tasks.values() if t.worker is not None]
+
+    # ------------------------------------------------------------------ progress
+    def update(self, shard_id: int, memory: Memory, outcomes: tuple[EditOutcome, ...]) -> list[int]:
+        """Record a shard's progress; store every shard that is now finished and next in order.
+
+        Returns:
+            Ids of the shards stored into the bank by this call (in order).
+
+        Raises:
+            ValueError: the memory does not hold a prefix of the shard's records.
+        """
+        task = self.tasks[shard_id]
+        expected = [r.id for r in task.records[: len(memory.edit_ids)]]
+        if memory.edit_ids != expected:
+            raise ValueError(
+                f"shard {shard_id}: progress holds {memory.edit_ids[:3]}..., expected {expected[:3]}..."
+            )
+        task.progress = memory
+        self.outcomes += len(outcomes)
+        self.steps += sum(o.steps for o in outcomes)
+        stored = []
+        while (t := self.tasks.get(self.next_store)) is not None and t.applied == self.save_freq:
+            assert t.progress is not None
+            self.bank.store(t.progress)
+            del self.tasks[t.shard_id]
+            stored.append(t.shard_id)
+            self.next_store += 1
+        return stored
+
+    def reset(self, shard_id: int) -> None:
+        """Forget a shard's progress: it is retrained from its first edit (its editor died)."""
+        task = self.tasks[shard_id]
+        task.progress = None
+        task.worker = None
+
+    # ------------------------------------------------------------------ views
+    def applied_ids(self) -> list[str]:
+        """Ids written into any memory (stored, finished or in progress), in shard order."""
+        ids = self.bank.edit_ids()
+        for sid in sorted(self.tasks):
+            p = self.tasks[sid].progress
+            ids += p.edit_ids if p is not None else []
+        return ids
+
+    def n_applied(self) -> int:
+        return self.bank.n_edits() + sum(t.applied for t in self.tasks.values())
+
+    def active(self) -> Memory | None:
+        """The last shard's progress when it is partial and all its records are applied (end of a stream)."""
+        if not self.tasks:
+            return None
+        if len(self.tasks) > 1:
+            return None
+        (task,) = self.tasks.values()
+        if task.applied == len(task.records) and not self.full(task):
+            return task.progress
+        return None
+
+    def settled(self) -> bool:
+        """Everything accepted is applied and every full shard is stored."""
+        return all(not self.full(t) and t.applied == len(t.records) for t in self.tasks.values())

@@ -1,0 +1,44 @@
+"""Where continuous retention measurements go. The observability stage exposes them to Prometheus; here they
+are logged and appended to a JSONL file next to the report."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Protocol
+
+logger = logging.getLogger(__name__)
+
+
+class MetricsSink(Protocol):
+    def record(self, measurement: dict[str, Any]) -> None:
+        """Take one retention measurement (``edits``, ``reliability``, ``generalization``, ``locality``, ...)."""
+
+
+class JsonlSink:
+    """Log each measurement and append it to a JSON Lines file."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def record(self, measurement: dict[str, Any]) -> None:
+        logger.info(
+            "retention after %d edits: rel %s gen %s loc %s (fixed-set locality %s)",
+            measurement["edits"],
+            _fmt(measurement.get("reliability")),
+            _fmt(measurement.get("generalization")),
+            _fmt(measurement.get("locality")),
+            _fmt(measurement.get("locality_fixed")),
+        )
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(measurement) + "\n")
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def default_sink(path: str | Path) -> MetricsSink:
+    return JsonlSink(path)

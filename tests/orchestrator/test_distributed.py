@@ -1,0 +1,280 @@
+"""The job on a real local Ray: equivalence with the single-process editor, parallel and batched shards,
+kill -9 of the driver and of an editor, and continuous evaluation. A tiny random Llama saved as a checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from orchestrator.job import irrelevant_pool, run_job
+from wise.editor import WiseEditor
+from wise.state import read_state
+
+SUBJECTS = ["Paris", "Tokyo", "Berlin", "Sweden", "Madrid", "Brazil", "France", "Spain", "Italian", "English"]
+RELATIONS = ["The capital of {} is", "The mother tongue of {} is", "{} plays the", "{} is located in"]
+TARGETS = ["piano", "violin", "Islam", "French", "Portuguese", "guitar", "uniform", "Christianity"]
+
+
+def make_edits(n: int) -> list[dict]:
+    out = []
+    for i in range(n):
+        subj = SUBJECTS[i % len(SUBJECTS)]
+        rel = RELATIONS[(i // len(SUBJECTS)) % len(RELATIONS)]
+        out.append(
+            {
+                "id": f"u{i}",
+                "prompt": rel.format(subj),
+                "target": TARGETS[i % len(TARGETS)],
+                "rephrase": [f"{rel.format(subj)} indeed"],
+                "locality_prompt": RELATIONS[(i + 1) % len(RELATIONS)].format(
+                    SUBJECTS[(i + 3) % len(SUBJECTS)]
+                ),
+                "locality_answer": TARGETS[(i + 2) % len(TARGETS)],
+            }
+        )
+    return out
+
+
+@pytest.fixture
+def job_files(tmp_path, model_dir):
+    """A stream of 24 edits, a disjoint irrelevant pool, and a YAML config using the tiny model."""
+    data = tmp_path / "edits.jsonl"
+    data.write_text("\n".join(json.dumps(e) for e in make_edits(24)) + "\n")
+    pool = tmp_path / "pool.jsonl"
+    pool_recs = [
+        {
+            "id": f"p{i}",
+            "prompt": f"Where is {s}?",
+            "target": "x",
+            "locality_prompt": f"{s} is in",
+            "locality_answer": t,
+        }
+        for i, (s, t) in enumerate(zip(SUBJECTS, TARGETS * 2, strict=False))
+    ]
+    pool.write_text("\n".join(json.dumps(e) for e in pool_recs) + "\n")
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        f"""
+model: {{name: {model_dir}}}
+stream: {{path: {data}, format: jsonl}}
+irrelevant: {{path: {pool}, format: jsonl}}
+wise:
+  layer: 2
+  n_iter: 8
+  early_stop_loss: 0.0
+  templates: {{count: 2, length: 3}}
+  save_freq: 4
+  merge_freq: 8
+  n_irrelevant: 3
+  hard_negatives: 0.34
+  margins: {{alpha: 0.5, beta: 2.0, gamma: 1.0, scale: auto}}
+eval: {{generate: false}}
+"""
+    )
+    return config
+
+
+def _cfg(config: Path, out: Path, *extra: str):
+    from orchestrator.config import load_config
+
+    return load_config(config, [f"output.dir={out}", *extra])
+
+
+def _state(out: Path):
+    return read_state(out / "state")
+
+
+def _assert_same_state(a, b, atol=1e-6):
+    (ta, ma), (tb, mb) = a, b
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        # routing keys are stored in float16: a batch of another width may round them differently
+        tol = {"atol": 2e-3, "rtol": 2e-3} if ta[k].dtype == torch.float16 else {"atol": atol, "rtol": 1e-4}
+        assert torch.allclose(ta[k].float(), tb[k].float(), **tol), k
+    for kind in ("merged", "pending"):
+        assert [m["edit_ids"] for m in ma[kind]] == [m["edit_ids"] for m in mb[kind]]
+        for x, y in zip(ma[kind], mb[kind], strict=True):
+            assert x["threshold"] == pytest.approx(y["threshold"], rel=1e-4)
+    assert ma["active"]["edit_ids"] == mb["active"]["edit_ids"]
+    assert ma["templates"] == mb["templates"]
+
+
+@pytest.fixture
+def reference(ray_local, job_files, tmp_path):
+    """One uninterrupted run with one editor training one shard at a time."""
+    out = tmp_path / "ref"
+    report = run_job(_cfg(job_files, out, "max_edits=22"))
+    return out, report
+
+
+def test_one_editor_equals_the_single_process_engine(reference, job_files, tiny_tokenizer, model_dir):
+    out, report = reference
+    assert report["edits_applied"] == 22 and report["duplicates_applied"] == 0 and report["edits_lost"] == 0
+    # 22 edits in 4-edit shards: 5 stored shards merged every 8 edits (2 merges + 1 pending) and an active shard
+    tensors, meta = _state(out)
+    assert len(meta["merged"]) == 1 and len(meta["pending"]) == 1 and len(meta["active"]["edit_ids"]) == 2
+
+    from transformers import AutoModelForCausalLM
+
+    cfg = _cfg(job_files, out)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    torch.set_num_threads(1)  # the editor actor trains with one thread: same reduction order
+    ed = WiseEditor(model, tiny_tokenizer, cfg.wise, irrelevant=irrelevant_pool(cfg))
+    records = [json.loads(line) for line in Path(cfg.stream.path).read_text().splitlines()][:22]
+
+    class R:
+        def __init__(self, d):
+            self.id, self.prompt, self.target = d["id"], d["prompt"], d["target"]
+
+    ed.apply([R(d) for d in records])
+    _assert_same_state((tensors, meta), ed.state_dict())
+
+
+@pytest.mark.parametrize("editors,per_editor", [(2, 1), (1, 3)])
+def test_parallel_and_batched_shards_give_the_same_state(reference, job_files, tmp_path, editors, per_editor):
+    ref_out, _ = reference
+    out = tmp_path / f"run-{editors}-{per_editor}"
+    report = run_job(
+        _cfg(
+            job_files,
+            out,
+            "max_edits=22",
+            f"runtime.editors={editors}",
+            f"runtime.shards_per_editor={per_editor}",
+            "runtime.editor_cpus=1",
+        )
+    )
+    assert report["edits_applied"] == 22 and report["duplicates_applied"] == 0 and report["edits_lost"] == 0
+    assert report["runtime"]["editors"] == editors
+    _assert_same_state(_state(out), _state(ref_out), atol=1e-5)
+
+
+def test_checkpoints_inside_shards_resume_and_finished_stream_is_not_reapplied(
+    ray_local, job_files, tmp_path
+):
+    out = tmp_path / "ck"
+    first = run_job(
+        _cfg(job_files, out, "max_edits=10", "checkpoint.every=1", "eval.every=4", "eval.sample=4")
+    )
+    assert first["edits_applied"] == 10 and first["resumed_from"] is None
+    assert first["runtime"]["checkpoints"] >= 10  # one per edit inside shards
+    # continuous evaluation: measurements at 4 and 8 stored edits, also in metrics.jsonl
+    assert [e["edits"] for e in first["evaluations"]] == [4, 8]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["edits"] for x in lines] == [4, 8] and all(0 <= x["reliability"] <= 1 for x in lines)
+    # same command, more edits allowed: continues after the 10 applied ones (into the partial shard)
+    second = run_job(_cfg(job_files, out, "max_edits=16", "checkpoint.every=1"))
+    assert second["resumed_from"]["edits_applied"] == 10
+    assert second["edits_applied"] == 16 and second["edits_applied_this_run"] == 6
+    assert second["duplicates_applied"] == 0 and second["edits_lost"] == 0
+    # the same command again: nothing left to apply, nothing applied twice
+    third = run_job(_cfg(job_files, out, "max_edits=16", "checkpoint.every=1"))
+    assert third["edits_applied"] == 16 and third["edits_applied_this_run"] == 0
+    _, meta = _state(out)
+    ids = [i for m in [*meta["merged"], *meta["pending"], meta["active"]] for i in m["edit_ids"]]
+    assert ids == [f"u{i}" for i in range(16)]
+
+
+def test_checkpoint_of_another_job_is_refused(ray_local, job_files, tmp_path):
+    from orchestrator.job import JobError  # noqa: F401 - the error type users see
+
+    out = tmp_path / "other"
+    run_job(_cfg(job_files, out, "max_edits=4"))
+    with pytest.raises(Exception, match="belongs to another job"):
+        run_job(_cfg(job_files, out, "max_edits=4", "wise.n_iter=9"))
+
+
+# ---------------------------------------------------------------------------------------------- kill -9
+
+
+def _start(config: Path, out: Path, *extra: str) -> subprocess.Popen:
+    args = [sys.executable, "-m", "orchestrator", "run", str(config), "--set", f"output.dir={out}"]
+    for e in extra:
+        args += ["--set", e]
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS")
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+
+
+def _wait_for(pred, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if proc.poll() is not None:
+            raise AssertionError(f"job ended early:\n{proc.stdout.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("timed out")
+        time.sleep(0.05)
+
+
+def _committed(out: Path) -> dict:
+    try:
+        return json.loads((out / "checkpoint" / "checkpoint.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+SLOW = ["wise.n_iter=40", "max_edits=20", "checkpoint.every=1"]
+
+
+@pytest.fixture
+def slow_reference(ray_local, job_files, tmp_path):
+    out = tmp_path / "slow-ref"
+    run_job(_cfg(job_files, out, *SLOW))
+    return out
+
+
+def test_kill_9_of_the_driver_then_the_same_command_resumes_exactly(slow_reference, job_files, tmp_path):
+    out = tmp_path / "killed"
+    proc = _start(job_files, out, *SLOW)
+    # kill in the middle of a shard, after at least one shard is stored
+    _wait_for(lambda: _committed(out).get("next_store", 0) >= 2 and _committed(out).get("shards"), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = _committed(out)
+    assert before["accepted"] < 20 or before["shards"]
+    proc = _start(job_files, out, *SLOW)
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["resumed_from"]["edits_applied"] > 0
+    assert report["edits_applied"] == 20 and report["duplicates_applied"] == 0 and report["edits_lost"] == 0
+    # what the killed run had applied and checkpointed is not applied again; the rest is, once
+    assert report["edits_applied_this_run"] == 20 - report["resumed_from"]["edits_applied"]
+    _assert_same_state(_state(out), _state(slow_reference), atol=1e-5)
+
+
+def test_an_editor_killed_mid_shard_is_replaced_and_nothing_is_lost(slow_reference, job_files, tmp_path):
+    out = tmp_path / "actor-killed"
+    proc = _start(job_files, out, *SLOW)
+
+    def editor_busy():
+        if _committed(out).get("next_store", 0) < 1 or not _committed(out).get("shards"):
+            return None
+        for p in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                if "EditorActor.train" in " ".join(p.cmdline()):
+                    return p
+            except psutil.Error:
+                continue
+        return None
+
+    _wait_for(lambda: editor_busy() is not None, proc)
+    victim = editor_busy()
+    assert victim is not None
+    victim.send_signal(signal.SIGKILL)
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["actor_failures"] == 1, log[-3000:]
+    assert report["edits_applied"] == 20 and report["duplicates_applied"] == 0 and report["edits_lost"] == 0
+    _assert_same_state(_state(out), _state(slow_reference), atol=1e-5)

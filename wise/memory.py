@@ -1,0 +1,212 @@
+"""Side memories and the bank that stores and merges them (paper Sec. 2.3.2; Algorithm 1 lines 9-14).
+
+A :class:`Memory` is one side memory: its task vector ``Delta = W' - W`` plus the edits written into it and
+their routing keys (the edited projection's inputs over each edit prompt). Keys make thresholds a pure tensor
+computation, so merging needs no model: the orchestrator can merge shards trained by other processes.
+
+The :class:`MemoryBank` stores closed shards and merges them every ``merge_freq`` edits: into one memory
+(WISE-Merge) or into a new memory appended to a list (WISE-Retrieve).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from wise.config import WiseConfig
+from wise.merge import get_merger
+from wise.router import reduce_span, token_activation
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Memory:
+    """One side memory: its task vector, its edits, and their routing keys."""
+
+    delta: torch.Tensor  # (d_out, d_in): side - main
+    edit_ids: list[str] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+    targets: list[str] = field(default_factory=list)
+    shard_ids: list[int] = field(default_factory=list)
+    threshold: float = float("inf")
+    keys: list[torch.Tensor] = field(default_factory=list)  # per edit (p_i, d_in) float16 on CPU; may be []
+
+    def meta(self) -> dict:
+        return {
+            "edit_ids": self.edit_ids,
+            "prompts": self.prompts,
+            "targets": self.targets,
+            "shard_ids": self.shard_ids,
+            "threshold": self.threshold,
+            "keys": len(self.keys),
+        }
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The memory's tensors under ``prefix`` (for safetensors)."""
+        out = {prefix: self.delta.detach().contiguous().cpu()}
+        for i, k in enumerate(self.keys):
+            out[f"{prefix}.key.{i}"] = k.contiguous()
+        return out
+
+    @classmethod
+    def from_state(
+        cls,
+        tensors: dict[str, torch.Tensor],
+        prefix: str,
+        meta: dict,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> Memory:
+        """Rebuild a memory written by :meth:`tensors` / :meth:`meta`."""
+        delta = tensors[prefix]
+        return cls(
+            delta.to(device, dtype or delta.dtype),
+            list(meta["edit_ids"]),
+            list(meta["prompts"]),
+            list(meta["targets"]),
+            list(meta["shard_ids"]),
+            float(meta["threshold"]),
+            [tensors[f"{prefix}.key.{i}"] for i in range(int(meta.get("keys", 0)))],
+        )
+
+    def detached(self) -> Memory:
+        """A CPU copy that shares nothing with this memory (for shipping to another process)."""
+        return Memory(
+            self.delta.detach().cpu().clone(),
+            list(self.edit_ids),
+            list(self.prompts),
+            list(self.targets),
+            list(self.shard_ids),
+            self.threshold,
+            [k.clone() for k in self.keys],
+        )
+
+
+def edit_scores(memory: Memory, transposed: bool, reduce: str) -> torch.Tensor:
+    """Routing score of ``memory`` on each of its own edit prompts (Eq. 4 with the empty template): (n,).
+
+    Raises:
+        ValueError: the memory has edits but no keys (they were dropped after a WISE-Retrieve merge).
+    """
+    if not memory.edit_ids:
+        return torch.zeros(0)
+    if len(memory.keys) != len(memory.edit_ids):
+        raise ValueError(f"memory of shards {memory.shard_ids} holds no routing keys for its edits")
+    delta = memory.delta
+    scores = [
+        reduce_span(
+            token_activation(k.to(delta.device, delta.dtype).unsqueeze(0), delta, transposed).float(),
+            None,
+            reduce,
+        )[0]
+        for k in memory.keys
+    ]
+    return torch.stack(scores)
+
+
+def refresh_threshold(memory: Memory, cfg: WiseConfig, transposed: bool) -> None:
+    """Threshold = ``act_ratio`` x the lowest routing score among the memory's own edits (paper Sec. 2.3.1)."""
+    scores = edit_scores(memory, transposed, cfg.router_reduce)
+    memory.threshold = cfg.act_ratio * float(scores.min()) if scores.numel() else float("inf")
+
+
+class MemoryBank:
+    """Stored shards (``pending``) and merged memories (``merged``), with the merge cadence.
+
+    Args:
+        cfg: WISE settings (``save_freq``, ``merge_freq``, ``retrieve``, ``merge``, ``act_ratio``).
+        transposed: the edited weight is stored (in, out) (GPT-2's Conv1D).
+    """
+
+    def __init__(self, cfg: WiseConfig, transposed: bool = False) -> None:
+        self.cfg = cfg
+        self.transposed = transposed
+        self.pending: list[Memory] = []
+        self.merged: list[Memory] = []
+
+    def memories(self) -> list[Memory]:
+        """Merged then pending memories: the router's order."""
+        return [*self.merged, *self.pending]
+
+    def edit_ids(self) -> list[str]:
+        return [eid for m in self.memories() for eid in m.edit_ids]
+
+    def n_edits(self) -> int:
+        return sum(len(m.edit_ids) for m in self.memories())
+
+    def store(self, shard: Memory) -> bool:
+        """Store a closed shard, then merge if the cadence says so. Shards must arrive in stream order.
+
+        Returns:
+            True when the shard completed a merge group (a merge ran).
+        """
+        self.pending.append(shard)
+        if self.n_edits() % self.cfg.merge_freq == 0:
+            self.merge()
+            return True
+        return False
+
+    def merge(self) -> None:
+        """Merge the stored shards (TIES by default): into the single merged memory (WISE-Merge), or into a new
+        memory appended to the bank (WISE-Retrieve). Thresholds are re-measured on the merged memory."""
+        group = list(self.pending) if self.cfg.retrieve else [*self.merged, *self.pending]
+        if not group:
+            return
+        if len(group) == 1:
+            merged = group[0]
+        else:
+            merger = get_merger(self.cfg.merge.method)
+            delta = merger(
+                [m.delta for m in group], density=self.cfg.merge.density, weight=self.cfg.merge.weights
+            )
+            merged = Memory(delta)
+            for m in group:
+                merged.edit_ids += m.edit_ids
+                merged.prompts += m.prompts
+                merged.targets += m.targets
+                merged.shard_ids += m.shard_ids
+                merged.keys += m.keys
+        refresh_threshold(merged, self.cfg, self.transposed)
+        logger.info(
+            "%s (%d edits), threshold %.3f",
+            f"merged {len(group)} shards"
+            if len(group) > 1
+            else f"shard {group[0].shard_ids} kept as a memory",
+            len(merged.edit_ids),
+            merged.threshold,
+        )
+        if self.cfg.retrieve:
+            # A WISE-Retrieve memory is never merged again: its keys are not needed any more.
+            merged.keys = []
+            self.merged = [*self.merged, merged]
+        else:
+            self.merged = [merged]
+        self.pending = []
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors: dict[str, torch.Tensor] = {}
+        meta: dict = {}
+        for kind, mems in (("pending", self.pending), ("merged", self.merged)):
+            meta[kind] = []
+            for i, m in enumerate(mems):
+                tensors.update(m.tensors(f"{kind}.{i}"))
+                meta[kind].append(m.meta())
+        return tensors, meta
+
+    def load(
+        self,
+        tensors: dict[str, torch.Tensor],
+        meta: dict,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.pending = [
+            Memory.from_state(tensors, f"pending.{i}", m, device, dtype)
+            for i, m in enumerate(meta["pending"])
+        ]
+        self.merged = [
+            Memory.from_state(tensors, f"merged.{i}", m, device, dtype) for i, m in enumerate(meta["merged"])
+        ]
