@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= configs/default.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install model run test test-all lint bench-speed clean
+.PHONY: install model run test test-all lint bench-speed bench-shards ray-head submit ray-stop clean
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -36,6 +36,27 @@ test-all: install
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+# A Ray head on this machine, for `ray job submit`. Ray 2.60 maps --node-ip-address 127.0.0.1 to the machine's
+# reachable address unless its single-machine mode is on; the Jobs CLI sends the token `ray start` writes to
+# ~/.ray/auth_token when RAY_AUTH_MODE=token. PATH makes `wisestream` visible to submitted jobs.
+RAY_ENV := RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=token PATH=$(abspath $(VENV))/bin:$$PATH
+RAY_DASHBOARD ?= http://127.0.0.1:8265
+
+ray-head: model
+	$(RAY_ENV) ray start --head --node-ip-address 127.0.0.1 --dashboard-host 127.0.0.1 --disable-usage-stats
+	@# the job agent registers a few seconds after `ray start` returns: wait until a no-op job is accepted
+	@for i in $$(seq 60); do $(RAY_ENV) ray job submit --address $(RAY_DASHBOARD) -- true >/dev/null 2>&1 \
+		&& echo "Ray head ready: $(RAY_DASHBOARD)" && exit 0; sleep 2; done; echo "Ray head not ready" >&2; exit 1
+
+submit: model
+	$(RAY_ENV) ray job submit --address $(RAY_DASHBOARD) --working-dir . -- wisestream run $(CONFIG)
+
+ray-stop:
+	$(RAY_ENV) ray stop
+
+bench-shards: model
+	$(PY) -m orchestrator bench shards --edits 8
 
 bench-speed: model
 	$(PY) -m orchestrator bench speed --edits 3

@@ -44,6 +44,15 @@ def _bench_layers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_shards(args: argparse.Namespace) -> int:
+    from orchestrator.bench_shards import shards_benchmark
+
+    cfg = load_config(args.config, list(args.set or []))
+    layouts = tuple(tuple(int(x) for x in item.split("x")) for item in args.layouts.split(","))
+    sys.stdout.write(json.dumps(shards_benchmark(cfg, args.edits, layouts)) + "\n")
+    return 0
+
+
 def _model(args: argparse.Namespace) -> int:
     from orchestrator.model_store import materialise_embedded
 
@@ -74,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     layers.add_argument("--config", type=Path, default=Path("configs/default.yaml"))
     layers.add_argument("--set", action="append", metavar="KEY=VALUE")
     layers.set_defaults(func=_bench_layers)
+    shards = bench_sub.add_parser(
+        "shards", help="edits/s for (editors x shards per editor) layouts on Ray, same edits, states compared"
+    )
+    shards.add_argument("--edits", type=int, default=8, help="edits per layout (default 8)")
+    shards.add_argument("--layouts", default="1x1,1x4,2x1", help="EDITORSxSHARDS,... (first is the baseline)")
+    shards.add_argument("--config", type=Path, default=Path("configs/default.yaml"))
+    shards.add_argument("--set", action="append", metavar="KEY=VALUE")
+    shards.set_defaults(func=_bench_shards)
     model = sub.add_parser("model", help="materialise the embedded model checkpoint and print its path")
     model.set_defaults(func=_model)
     return parser

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 from typing import Any
 
 from actors.editor import EditorActor
@@ -15,6 +16,8 @@ from wise.config import WiseConfig
 
 logger = logging.getLogger(__name__)
 
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
 
 def connect(rt: RuntimeConfig) -> bool:
     """Join the configured Ray cluster, the one a ``ray job submit`` runs in, or start a local instance.
@@ -22,6 +25,10 @@ def connect(rt: RuntimeConfig) -> bool:
     Returns:
         True when this call started a local instance (and the job should shut it down).
     """
+    if not rt.address and not os.environ.get("RAY_ADDRESS") and "ray" not in sys.modules:
+        # Ray 2.60 maps 127.0.0.1 to the machine's reachable address; a local single-node instance stays on the
+        # loopback interface only when Ray's "no cluster" mode is on (it must be set before ray is imported).
+        os.environ.setdefault(LOOPBACK_ENV, "0")
     import ray
 
     if ray.is_initialized():

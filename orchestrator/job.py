@@ -196,6 +196,10 @@ class EditJob:
             for _ in range(cfg.runtime.editors - 1)
         ]
         self.evaluator = cluster.evaluator_actor(cfg.runtime, self.model, cfg.wise)
+        try:  # every editor is loaded before the clock starts
+            ray.get([e.info.remote() for e in self.editors[1:]])
+        except ray.exceptions.RayActorError as err:
+            raise JobError(f"an editor could not start: {err}") from err
 
     # ------------------------------------------------------------------ stream
     def _reject(self, position: int, rec: EditRecord, reason: str) -> None:
@@ -467,6 +471,8 @@ class EditJob:
                 "shards_per_editor": cfg.runtime.shards_per_editor,
                 "edits_per_second": applied_now / edit_seconds if applied_now else None,
                 "checkpoints": self.store.commits if self.store else 0,
+                "local_ray": self._started_ray,
+                "ray_address": ray.get_runtime_context().gcs_address,
             },
             "evaluations": self.evaluations,
             "seconds_per_edit": edit_seconds / applied_now if applied_now else None,

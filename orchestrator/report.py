@@ -52,3 +52,13 @@ def render_summary(report: dict[str, Any], console: Console | None = None) -> No
         f"routed to side memory: edits {_fmt(rf.get('edit'))}, rephrases {_fmt(rf.get('rephrase'))}, "
         f"locality prompts {_fmt(rf.get('locality'))}"
     )
+    if "duplicates_applied" in report:
+        resumed = report.get("resumed_from")
+        rt = report.get("runtime", {})
+        console.print(
+            f"exactly once: {report['duplicates_applied']} applied twice, {report['edits_lost']} lost, "
+            f"{report['duplicates_skipped']} duplicates skipped; "
+            + (f"resumed at {resumed['edits_applied']} applied edits; " if resumed else "")
+            + f"{rt.get('editors')} editor(s) x {rt.get('shards_per_editor')} shard(s), "
+            f"{report.get('actor_failures', 0)} editor failure(s)"
+        )

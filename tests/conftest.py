@@ -3,11 +3,16 @@ edit records. Nothing here downloads anything."""
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass, field
 
 import pytest
 import torch
+
+# Ray instances started by tests bind to 127.0.0.1 only (Ray 2.60 otherwise maps 127.0.0.1 to the machine's
+# reachable address); must be set before ray is first imported.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 CORPUS = [
     "The capital of France is Paris.",

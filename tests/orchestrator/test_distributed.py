@@ -19,69 +19,6 @@ from orchestrator.job import irrelevant_pool, run_job
 from wise.editor import WiseEditor
 from wise.state import read_state
 
-SUBJECTS = ["Paris", "Tokyo", "Berlin", "Sweden", "Madrid", "Brazil", "France", "Spain", "Italian", "English"]
-RELATIONS = ["The capital of {} is", "The mother tongue of {} is", "{} plays the", "{} is located in"]
-TARGETS = ["piano", "violin", "Islam", "French", "Portuguese", "guitar", "uniform", "Christianity"]
-
-
-def make_edits(n: int) -> list[dict]:
-    out = []
-    for i in range(n):
-        subj = SUBJECTS[i % len(SUBJECTS)]
-        rel = RELATIONS[(i // len(SUBJECTS)) % len(RELATIONS)]
-        out.append(
-            {
-                "id": f"u{i}",
-                "prompt": rel.format(subj),
-                "target": TARGETS[i % len(TARGETS)],
-                "rephrase": [f"{rel.format(subj)} indeed"],
-                "locality_prompt": RELATIONS[(i + 1) % len(RELATIONS)].format(
-                    SUBJECTS[(i + 3) % len(SUBJECTS)]
-                ),
-                "locality_answer": TARGETS[(i + 2) % len(TARGETS)],
-            }
-        )
-    return out
-
-
-@pytest.fixture
-def job_files(tmp_path, model_dir):
-    """A stream of 24 edits, a disjoint irrelevant pool, and a YAML config using the tiny model."""
-    data = tmp_path / "edits.jsonl"
-    data.write_text("\n".join(json.dumps(e) for e in make_edits(24)) + "\n")
-    pool = tmp_path / "pool.jsonl"
-    pool_recs = [
-        {
-            "id": f"p{i}",
-            "prompt": f"Where is {s}?",
-            "target": "x",
-            "locality_prompt": f"{s} is in",
-            "locality_answer": t,
-        }
-        for i, (s, t) in enumerate(zip(SUBJECTS, TARGETS * 2, strict=False))
-    ]
-    pool.write_text("\n".join(json.dumps(e) for e in pool_recs) + "\n")
-    config = tmp_path / "job.yaml"
-    config.write_text(
-        f"""
-model: {{name: {model_dir}}}
-stream: {{path: {data}, format: jsonl}}
-irrelevant: {{path: {pool}, format: jsonl}}
-wise:
-  layer: 2
-  n_iter: 8
-  early_stop_loss: 0.0
-  templates: {{count: 2, length: 3}}
-  save_freq: 4
-  merge_freq: 8
-  n_irrelevant: 3
-  hard_negatives: 0.34
-  margins: {{alpha: 0.5, beta: 2.0, gamma: 1.0, scale: auto}}
-eval: {{generate: false}}
-"""
-    )
-    return config
-
 
 def _cfg(config: Path, out: Path, *extra: str):
     from orchestrator.config import load_config
@@ -278,3 +215,46 @@ def test_an_editor_killed_mid_shard_is_replaced_and_nothing_is_lost(slow_referen
     assert report["actor_failures"] == 1, log[-3000:]
     assert report["edits_applied"] == 20 and report["duplicates_applied"] == 0 and report["edits_lost"] == 0
     _assert_same_state(_state(out), _state(slow_reference), atol=1e-5)
+
+
+def test_shards_benchmark_prints_edits_per_second_per_layout_and_equal_states(ray_local, job_files, capsys):
+    from orchestrator.cli import main
+
+    args = ["bench", "shards", "--edits", "8", "--layouts", "1x1,1x2,2x1", "--config", str(job_files)]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(result["layouts"]) == {"1x1", "1x2", "2x1"}
+    assert all(result[f"edits_per_second_{k}"] > 0 for k in ("1x1", "1x2", "2x1"))
+    assert result["speedup_2x1"] == pytest.approx(
+        result["edits_per_second_2x1"] / result["edits_per_second_1x1"]
+    )
+    # every layout trains the same shards: the same side memories (float16 routing keys round differently)
+    assert max(result["max_state_diff"].values()) < 5e-3
+
+
+def test_the_stream_is_read_only_as_fast_as_the_editors_consume_it(ray_local, job_files, tmp_path):
+    from orchestrator.job import EditJob
+
+    records = [
+        json.loads(line) for line in Path(_cfg(job_files, tmp_path).stream.path).read_text().splitlines()
+    ]
+    lead: list[int] = []
+    job: EditJob | None = None
+
+    def source():
+        for i, r in enumerate(records):
+            # how far reading is ahead of what the editors have applied when record i is pulled
+            lead.append(i - (job.book.n_applied() if job.editors else 0))
+            yield r
+
+    cfg = _cfg(job_files, tmp_path / "bp", "runtime.editors=1", "runtime.shards_per_editor=1")
+    job = EditJob(cfg, records=source())
+    try:
+        job.setup()
+        report = job.run()
+    finally:
+        job.cleanup()
+    assert report["edits_applied"] == 24
+    # one editor x one shard: the next shard is read only once the one in flight is applied, so reading is never
+    # a whole shard (4 edits) ahead of the editors
+    assert 0 < max(lead) < cfg.wise.save_freq, lead

@@ -1,0 +1,108 @@
+"""`ray job submit` of a job to a real Ray head started on 127.0.0.1 (its own temp dir and ports, torn down by
+killing exactly its processes, so that a test-session Ray instance on the same machine is left alone)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head():
+    temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's unix socket paths must stay < 108 chars
+    port, dash = _free_port(), _free_port()
+    # loopback only (see orchestrator.cluster); the CLI sends the token that `ray start` writes to ~/.ray
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_AUTH_MODE": "token",
+    }
+    env.pop("RAY_ADDRESS", None)
+    cmd = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dash),
+        "--num-cpus",
+        "2",
+        "--temp-dir",
+        temp,
+        "--disable-usage-stats",
+    ]
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=180)
+    try:
+        yield f"http://127.0.0.1:{dash}", env, port
+    finally:
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if any(temp in part for part in p.info["cmdline"] or []):
+                    p.kill()
+            except psutil.Error:
+                continue
+
+
+def test_ray_job_submit_runs_the_job_and_prints_the_report(ray_head, job_files, tmp_path):
+    address, env, _ = ray_head
+    out = tmp_path / "submitted"
+    cmd = [
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--working-dir",
+        str(ROOT),
+        "--",
+        "wisestream",
+        "run",
+        str(job_files),
+        "--set",
+        f"output.dir={out}",
+        "--set",
+        "max_edits=6",
+    ]
+    deadline = time.monotonic() + 60
+    while True:  # the dashboard's job server comes up a little after `ray start` returns
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        busy = "Connection" in proc.stderr or "No available agent" in proc.stderr
+        if proc.returncode == 0 or time.monotonic() > deadline or not busy:
+            break
+        time.sleep(2)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "succeeded" in log and "Retention after 6 sequential edits" in log, log[-4000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["edits_applied"] == 6 and report["duplicates_applied"] == 0
+    # the driver joined the cluster it was submitted to rather than starting its own
+    assert report["runtime"]["local_ray"] is False
+    assert report["runtime"]["ray_address"].endswith(f":{address_port(ray_head)}")
+
+
+def address_port(head) -> int:
+    return int(head[2])
