@@ -25,7 +25,7 @@ from orchestrator import cluster
 from orchestrator.checkpoint import CheckpointStore
 from orchestrator.config import JobConfig
 from orchestrator.model_store import resolve_model_path
-from orchestrator.report import write_report
+from orchestrator.report import retention_fields, write_report
 from orchestrator.scheduler import ShardBook
 from orchestrator.sink import MetricsSink, default_sink
 from streams import DeadLetterFile, EditRecord, EditStream, IterableSource, open_source
@@ -438,7 +438,7 @@ class EditJob:
         result = ray.get(
             self.evaluator.evaluate.remote(tensors, meta, sample, generate=cfg.eval.generate, pre=True)
         )
-        post, pre = result["post"], result["pre"]
+        result["mean_steps"] = self.book.steps / self.book.outcomes if self.book.outcomes else None
         self.report = {
             "edits_seen": self.counters["edits_seen"],
             "edits_applied": n,
@@ -451,21 +451,7 @@ class EditJob:
             "dead_lettered": self.counters["dead_lettered"],
             "actor_failures": self.counters["actor_failures"],
             "evaluated_edits": len(sample),
-            "retention": post["teacher_forced"],
-            "retention_generate": post.get("generate"),
-            "pre": pre["teacher_forced"],
-            "pre_generate": pre.get("generate"),
-            "routed_fraction": post["routed_fraction"],
-            "score_over_threshold": post["score_over_threshold"],
-            "router": {
-                "memories": [
-                    {"edits": len(m["edit_ids"]), "shards": m["shard_ids"], "threshold": m["threshold"]}
-                    for m in [*meta["merged"], *meta["pending"], meta["active"]]
-                    if m["edit_ids"]
-                ],
-                "margins": meta["margins"],
-                "mean_steps": self.book.steps / self.book.outcomes if self.book.outcomes else None,
-            },
+            **retention_fields(result, meta),
             "runtime": {
                 "editors": cfg.runtime.editors,
                 "shards_per_editor": cfg.runtime.shards_per_editor,
@@ -480,7 +466,7 @@ class EditJob:
             "state_dir": str(state_dir),
             "checkpoint_dir": str(cfg.checkpoint_dir()),
             "dead_letter": str(cfg.dead_letter_path()) if self.counters["dead_lettered"] else None,
-            "per_edit": post["per_edit"],
+            "per_edit": result["post"]["per_edit"],
             "config": cfg.model_dump(mode="json"),
         }
         write_report(self.report, cfg.report_path())

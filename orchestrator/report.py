@@ -21,6 +21,33 @@ def write_report(report: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def retention_fields(result: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """The retention part of the report from the evaluator's final measurement and the final state's metadata.
+
+    Args:
+        result: ``EvaluatorActor.evaluate(..., pre=True)`` plus ``mean_steps`` (optimisation steps per edit).
+        meta: the final editor state's JSON metadata (memories, thresholds, margins).
+    """
+    post, pre = result["post"], result["pre"]
+    return {
+        "retention": post["teacher_forced"],
+        "retention_generate": post.get("generate"),
+        "pre": pre["teacher_forced"],
+        "pre_generate": pre.get("generate"),
+        "routed_fraction": post["routed_fraction"],
+        "score_over_threshold": post["score_over_threshold"],
+        "router": {
+            "memories": [
+                {"edits": len(m["edit_ids"]), "shards": m["shard_ids"], "threshold": m["threshold"]}
+                for m in [*meta["merged"], *meta["pending"], meta["active"]]
+                if m["edit_ids"]
+            ],
+            "margins": meta["margins"],
+            "mean_steps": result.get("mean_steps"),
+        },
+    }
+
+
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 

@@ -38,6 +38,11 @@ def test_default_job_quality_bar_t20(tmp_path, ray_local):
     About 4 minutes on 2 CPU cores; kept in the default suite because it is the claim the project makes."""
     cfg = load_config(ROOT / "configs" / "default.yaml", [f"output.dir={tmp_path}", "eval.generate=false"])
     report = run_job(cfg)
-    assert report["edits_applied"] == 20
+    assert report["edits_applied"] == 20 and report["duplicates_applied"] == 0 and report["edits_lost"] == 0
+    # the evaluator measured retention while editing went on (default config: every 10 stored edits; with 4
+    # shards trained at once, shards are stored 8 edits at a time)
+    measured = [e["edits"] for e in report["evaluations"]]
+    assert len(measured) >= 2 and measured[0] >= 10 and measured[-1] == 20, measured
+    assert all(e["reliability"] >= 0.8 for e in report["evaluations"]), report["evaluations"]
     assert report["retention"]["reliability"] >= 0.9, report["retention"]
     assert report["retention"]["locality"] >= 0.95, report["retention"]

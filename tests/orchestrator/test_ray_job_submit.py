@@ -28,7 +28,7 @@ def _free_port() -> int:
 @pytest.fixture
 def ray_head():
     temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's unix socket paths must stay < 108 chars
-    port, dash = _free_port(), _free_port()
+    port, dash, agent, client = (_free_port() for _ in range(4))
     # loopback only (see orchestrator.cluster); the CLI sends the token that `ray start` writes to ~/.ray
     env = {
         **os.environ,
@@ -49,6 +49,11 @@ def ray_head():
         "127.0.0.1",
         "--dashboard-port",
         str(dash),
+        # Ray's fixed default ports would collide with a head that is still shutting down
+        "--dashboard-agent-listen-port",
+        str(agent),
+        "--ray-client-server-port",
+        str(client),
         "--num-cpus",
         "2",
         "--temp-dir",
@@ -59,10 +64,19 @@ def ray_head():
     try:
         yield f"http://127.0.0.1:{dash}", env, port
     finally:
+        # `ray stop` would stop every Ray instance of this machine: kill exactly this head's processes (found by
+        # their temp dir or GCS port) and their descendants (agents rename themselves, e.g. ray::DashboardAgent)
+        ours = []
         for p in psutil.process_iter(["cmdline"]):
             try:
-                if any(temp in part for part in p.info["cmdline"] or []):
-                    p.kill()
+                cmd = " ".join(p.info["cmdline"] or [])
+                if temp in cmd or f"127.0.0.1:{port}" in cmd:
+                    ours += [p, *p.children(recursive=True)]
+            except psutil.Error:
+                continue
+        for p in ours:
+            try:
+                p.kill()
             except psutil.Error:
                 continue
 
@@ -87,10 +101,11 @@ def test_ray_job_submit_runs_the_job_and_prints_the_report(ray_head, job_files, 
         "--set",
         "max_edits=6",
     ]
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 120
     while True:  # the dashboard's job server comes up a little after `ray start` returns
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        busy = "Connection" in proc.stderr or "No available agent" in proc.stderr
+        text = proc.stdout + proc.stderr
+        busy = "Failed to connect" in text or "No available agent" in text
         if proc.returncode == 0 or time.monotonic() > deadline or not busy:
             break
         time.sleep(2)
