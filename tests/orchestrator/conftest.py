@@ -1,6 +1,11 @@
 """Job-test fixtures: the tiny model saved as a real checkpoint, a synthetic edit stream and a job config."""
 
 import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -75,3 +80,39 @@ eval: {{generate: false}}
 """
     )
     return config
+
+
+class JobProcess:
+    """The CLI job as a subprocess (for kill -9 and SIGTERM tests), and its committed checkpoint."""
+
+    @staticmethod
+    def start(config: Path, out: Path, *extra: str) -> subprocess.Popen:
+        args = [sys.executable, "-m", "orchestrator", "run", str(config), "--set", f"output.dir={out}"]
+        for e in extra:
+            args += ["--set", e]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("RAY_ADDRESS", None)  # the job starts its own local Ray instance
+        return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+
+    @staticmethod
+    def wait_for(pred, proc: subprocess.Popen, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while not pred():
+            if proc.poll() is not None:
+                raise AssertionError(f"job ended early:\n{proc.stdout.read()[-3000:]}")
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError(f"timed out:\n{proc.stdout.read()[-3000:]}")
+            time.sleep(0.05)
+
+    @staticmethod
+    def committed(out: Path) -> dict:
+        try:
+            return json.loads((out / "checkpoint" / "checkpoint.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+
+@pytest.fixture
+def jobproc() -> type[JobProcess]:
+    return JobProcess

@@ -4,11 +4,7 @@ kill -9 of the driver and of an editor, and continuous evaluation. A tiny random
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -133,33 +129,6 @@ def test_checkpoint_of_another_job_is_refused(ray_local, job_files, tmp_path):
 # ---------------------------------------------------------------------------------------------- kill -9
 
 
-def _start(config: Path, out: Path, *extra: str) -> subprocess.Popen:
-    args = [sys.executable, "-m", "orchestrator", "run", str(config), "--set", f"output.dir={out}"]
-    for e in extra:
-        args += ["--set", e]
-    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS")
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
-
-
-def _wait_for(pred, proc: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if proc.poll() is not None:
-            raise AssertionError(f"job ended early:\n{proc.stdout.read()[-3000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError("timed out")
-        time.sleep(0.05)
-
-
-def _committed(out: Path) -> dict:
-    try:
-        return json.loads((out / "checkpoint" / "checkpoint.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-
-
 SLOW = ["wise.n_iter=40", "max_edits=20", "checkpoint.every=1"]
 
 
@@ -170,16 +139,21 @@ def slow_reference(ray_local, job_files, tmp_path):
     return out
 
 
-def test_kill_9_of_the_driver_then_the_same_command_resumes_exactly(slow_reference, job_files, tmp_path):
+def test_kill_9_of_the_driver_then_the_same_command_resumes_exactly(
+    slow_reference, job_files, tmp_path, jobproc
+):
     out = tmp_path / "killed"
-    proc = _start(job_files, out, *SLOW)
+    proc = jobproc.start(job_files, out, *SLOW)
     # kill in the middle of a shard, after at least one shard is stored
-    _wait_for(lambda: _committed(out).get("next_store", 0) >= 2 and _committed(out).get("shards"), proc)
+    jobproc.wait_for(
+        lambda: jobproc.committed(out).get("next_store", 0) >= 2 and jobproc.committed(out).get("shards"),
+        proc,
+    )
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    before = _committed(out)
+    before = jobproc.committed(out)
     assert before["accepted"] < 20 or before["shards"]
-    proc = _start(job_files, out, *SLOW)
+    proc = jobproc.start(job_files, out, *SLOW)
     log, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, log[-3000:]
     report = json.loads((out / "report.json").read_text())
@@ -190,12 +164,14 @@ def test_kill_9_of_the_driver_then_the_same_command_resumes_exactly(slow_referen
     _assert_same_state(_state(out), _state(slow_reference), atol=1e-5)
 
 
-def test_an_editor_killed_mid_shard_is_replaced_and_nothing_is_lost(slow_reference, job_files, tmp_path):
+def test_an_editor_killed_mid_shard_is_replaced_and_nothing_is_lost(
+    slow_reference, job_files, tmp_path, jobproc
+):
     out = tmp_path / "actor-killed"
-    proc = _start(job_files, out, *SLOW)
+    proc = jobproc.start(job_files, out, *SLOW)
 
     def editor_busy():
-        if _committed(out).get("next_store", 0) < 1 or not _committed(out).get("shards"):
+        if jobproc.committed(out).get("next_store", 0) < 1 or not jobproc.committed(out).get("shards"):
             return None
         for p in psutil.Process(proc.pid).children(recursive=True):
             try:
@@ -205,7 +181,7 @@ def test_an_editor_killed_mid_shard_is_replaced_and_nothing_is_lost(slow_referen
                 continue
         return None
 
-    _wait_for(lambda: editor_busy() is not None, proc)
+    jobproc.wait_for(lambda: editor_busy() is not None, proc)
     victim = editor_busy()
     assert victim is not None
     victim.send_signal(signal.SIGKILL)

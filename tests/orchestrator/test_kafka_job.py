@@ -8,10 +8,7 @@ Group timeouts are short because tansu holds the first JoinGroup for about half 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -130,55 +127,31 @@ def test_kafka_job_applies_valid_edits_dead_letters_invalid_and_commits(
 # ------------------------------------------------------------------------------------- subprocess runs
 
 
-def _start(config: Path, out: Path, *extra: str) -> subprocess.Popen:
-    args = [sys.executable, "-m", "orchestrator", "run", str(config), "--set", f"output.dir={out}"]
-    for e in extra:
-        args += ["--set", e]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
-
-
-def _wait_for(pred, proc: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if proc.poll() is not None:
-            raise AssertionError(f"job ended early:\n{proc.stdout.read()[-3000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"timed out:\n{proc.stdout.read()[-3000:]}")
-        time.sleep(0.05)
-
-
-def _committed(out: Path) -> dict:
-    try:
-        return json.loads((out / "checkpoint" / "checkpoint.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-
-
-def _checkpointed_applied(out: Path, save_freq: int = 4) -> int:
+def _checkpointed_applied(jobproc, out: Path, save_freq: int = 4) -> int:
     """Edits applied in the last checkpoint: stored shards plus the progress of open ones (the memory file
     names end with their number of edits, see ``checkpoint.memory_name``)."""
-    ck = _committed(out)
+    ck = jobproc.committed(out)
     open_ = sum(int(s["memory"].rsplit("-", 1)[1].split(".")[0]) for s in ck.get("shards", []))
     return ck.get("next_store", 0) * save_freq + open_
 
 
 def test_kill_9_mid_stream_then_the_same_command_applies_every_edit_once(
-    kafka_broker, job_files, tmp_path, names, capsys
+    kafka_broker, job_files, tmp_path, names, capsys, jobproc
 ):
     topic, group = names
     bootstrap = kafka_broker.bootstrap
     _produce(tmp_path, bootstrap, topic, _edits(job_files, 0, 12), capsys)
     out = tmp_path / "killed"
     cmd = [*_kafka(bootstrap, topic, group), "wise.n_iter=40", "max_edits=12", "checkpoint.every=1"]
-    proc = _start(job_files, out, *cmd)
-    _wait_for(lambda: _committed(out).get("next_store", 0) >= 1 and _committed(out).get("shards"), proc)
+    proc = jobproc.start(job_files, out, *cmd)
+    jobproc.wait_for(
+        lambda: jobproc.committed(out).get("next_store", 0) >= 1 and jobproc.committed(out).get("shards"),
+        proc,
+    )
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert _checkpointed_applied(out) < 12
-    proc = _start(job_files, out, *cmd)
+    assert _checkpointed_applied(jobproc, out) < 12
+    proc = jobproc.start(job_files, out, *cmd)
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, log[-3000:]
     report = json.loads((out / "report.json").read_text())
@@ -190,15 +163,15 @@ def test_kill_9_mid_stream_then_the_same_command_applies_every_edit_once(
 
 
 def test_long_running_job_stops_on_sigterm_and_the_next_run_resumes_from_committed_offsets(
-    ray_local, kafka_broker, job_files, tmp_path, names, capsys
+    ray_local, kafka_broker, job_files, tmp_path, names, capsys, jobproc
 ):
     topic, group = names
     bootstrap = kafka_broker.bootstrap
     _produce(tmp_path, bootstrap, topic, _edits(job_files, 0, 6), capsys)
     out = tmp_path / "long"
-    proc = _start(job_files, out, *_kafka(bootstrap, topic, group))  # no max_edits: runs until stopped
+    proc = jobproc.start(job_files, out, *_kafka(bootstrap, topic, group))  # no max_edits: runs until stopped
     # a quiet topic: the partial last shard (edits 4-5) is trained without waiting for a full one
-    _wait_for(lambda: _checkpointed_applied(out) == 6, proc)
+    jobproc.wait_for(lambda: _checkpointed_applied(jobproc, out) == 6, proc)
     proc.send_signal(signal.SIGTERM)
     log, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, log[-3000:]
