@@ -28,6 +28,7 @@ from orchestrator.checkpoint import CheckpointStore
 from orchestrator.config import JobConfig
 from orchestrator.inputs import EditInput, open_input
 from orchestrator.model_store import resolve_model_path
+from orchestrator.monitor import RetentionMonitor
 from orchestrator.report import retention_fields, write_report
 from orchestrator.scheduler import ShardBook
 from orchestrator.sink import MetricsSink, default_sink
@@ -302,46 +303,14 @@ class EditJob:
             active = Memory(torch.zeros(shape, dtype=getattr(torch, dtype)), shard_ids=[self.book.next_store])
         return compose_state(self.cfg.wise, module_path, shape, self.setup_state or {}, self.bank, active)
 
-    def _maybe_evaluate(self, pending: dict) -> None:
-        """Every ``eval.every`` stored edits, send the latest merged state to the evaluator (if it is idle)."""
-        every = self.cfg.eval.every
-        stored = self.bank.n_edits()
-        if not every or pending or stored < self._next_eval:
-            return
-
-        self._next_eval = (stored // every + 1) * every
+    def _eval_inputs(self, stored: int) -> tuple[dict, dict, list, list]:
+        """What a continuous measurement needs: the stored state, a seeded sample of its edits, and the fixed
+        locality set (the locality pairs of the stream's first records)."""
         by_id = {r.id: r for r in self.book.records}
         ids = self.bank.edit_ids()
         sample = [by_id[i] for i in random.Random(stored).sample(ids, min(self.cfg.eval.sample, len(ids)))]
         tensors, meta = self._state(include_active=False)
-        fixed = self.book.records[: self.cfg.eval.locality_set]
-        ref = self.evaluator.evaluate.remote(
-            tensors, meta, sample, locality=fixed, generate=self.cfg.eval.generate
-        )
-        pending[ref] = stored
-
-    def _collect_evaluation(self, stored: int, ref: Any) -> None:
-        import ray
-
-        try:
-            self._record_evaluation(stored, ray.get(ref))
-        except ray.exceptions.RayError as err:
-            logger.warning("retention measurement at %d edits failed: %s", stored, err)
-
-    def _record_evaluation(self, stored: int, result: dict) -> None:
-        post = result["post"]
-        entry = {
-            "edits": stored,
-            "time": time.time(),
-            "sampled": result["evaluated"],
-            **{k: v for k, v in post["teacher_forced"].items()},
-            **{f"generate_{k}": v for k, v in (post.get("generate") or {}).items()},
-            "locality_fixed": result.get("locality_fixed"),
-            "seconds": result["seconds"],
-        }
-        self.evaluations.append(entry)
-        assert self.sink is not None
-        self.sink.record(entry)
+        return tensors, meta, sample, self.book.records[: self.cfg.eval.locality_set]
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> dict[str, Any]:
@@ -381,10 +350,8 @@ class EditJob:
             total=cfg.max_edits, initial=applied_at_start, desc="editing", unit="edit", dynamic_ncols=True
         )
         inflight: dict[Any, tuple[int, list[int]]] = {}
-        evals: dict[Any, int] = {}
-        self._next_eval = (
-            (self.bank.n_edits() // cfg.eval.every + 1) * cfg.eval.every if cfg.eval.every else 0
-        )
+        assert self.sink is not None
+        monitor = RetentionMonitor(self.evaluator, cfg.eval, self.sink, self.evaluations, self.bank.n_edits())
         failures = 0
         self._checkpoint()
         while True:
@@ -415,12 +382,11 @@ class EditJob:
                     break
                 continue
             # a Kafka consumer must poll regularly while the editors are busy to stay in its group
-            done, _ = ray.wait([*inflight, *evals], num_returns=1, timeout=self.input.heartbeat_s)
+            done, _ = ray.wait([*inflight, *monitor.pending], num_returns=1, timeout=self.input.heartbeat_s)
             for ref in done:
-                if ref in evals:
-                    stored = evals.pop(ref)
-                    self._collect_evaluation(stored, ref)
-                    self._maybe_evaluate(evals)  # one that came due meanwhile measures the latest state
+                if monitor.collect(ref):
+                    # one that came due meanwhile measures the latest state
+                    monitor.maybe_submit(self.bank.n_edits(), self._eval_inputs)
                     continue
                 w, sids = inflight.pop(ref)
                 try:
@@ -457,14 +423,10 @@ class EditJob:
                             act=f"{last.activation:.1f}/{last.threshold:.1f}",
                         )
                 self._checkpoint()
-                self._maybe_evaluate(evals)
+                monitor.maybe_submit(self.bank.n_edits(), self._eval_inputs)
         bar.close()
         edit_seconds = time.perf_counter() - start
-        self._maybe_evaluate(evals)
-        while evals:
-            ref = next(iter(evals))
-            self._collect_evaluation(evals.pop(ref), ref)
-            self._maybe_evaluate(evals)
+        monitor.drain(self.bank.n_edits(), self._eval_inputs)
         self._checkpoint()
         self._record_lag(force=True)
         return self._finish(start, edit_seconds, self.book.n_applied() - applied_at_start)
