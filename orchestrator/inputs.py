@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from streams import (
     DeadLetterFile,
-    DeadLetterProducer,
     EditRecord,
     EditSource,
     EditStream,
@@ -151,16 +150,6 @@ class KafkaInput:
     def __init__(self, settings: KafkaSettings) -> None:
         self.settings = settings
         self.consumer = KafkaEditConsumer(settings)
-        try:
-            self._dead = DeadLetterProducer(
-                settings.bootstrap,
-                settings.dead_letter_topic,
-                client=settings.client,
-                timeout_s=settings.connect_timeout_s,
-            )
-        except BaseException:
-            self.consumer.close()
-            raise
         self._buffer: deque[KafkaItem] = deque()
         self._offsets: dict[tuple[str, int], int] = {}
         self._lag_at = 0.0
@@ -190,14 +179,7 @@ class KafkaInput:
             return item, item.record
 
     def reject(self, token: KafkaItem, rec: EditRecord, reason: str) -> None:
-        self._dead.send(
-            key=None if token.key is None else token.key.encode(),
-            value=rec.to_json().encode(),
-            reason=reason,
-            topic=token.topic,
-            partition=token.partition,
-            offset=token.offset,
-        )
+        self.consumer.dead_letter(token, reason, rec.to_json().encode())
 
     def hold(self) -> None:
         if not self.consumer.paused:
@@ -208,7 +190,6 @@ class KafkaInput:
         return {"offsets": [[t, p, o] for (t, p), o in sorted(self._offsets.items())]}
 
     def after_commit(self, state: dict[str, Any]) -> None:
-        self._dead.flush()  # a rejection's offset is committed only once it is in the dead-letter topic
         self.consumer.commit({(t, p): o for t, p, o in state["offsets"]})
 
     def lag(self, force: bool = False) -> dict[str, int] | None:
@@ -222,7 +203,6 @@ class KafkaInput:
         if self._closed:
             return
         self._closed = True
-        self._dead.close()
         self.consumer.close()
 
 

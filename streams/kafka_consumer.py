@@ -307,6 +307,25 @@ class KafkaEditConsumer:
 
     # -- offsets -----------------------------------------------------------------------------------------
 
+    def dead_letter(self, item: KafkaItem, reason: str, value: bytes | None) -> None:
+        """Send a message the caller refused after validation (e.g. too long for the model) to the dead-letter
+        topic, with the same headers as the consumer's own rejections; it is delivered before the next commit.
+
+        Args:
+            item: The refused message.
+            reason: Why it was refused.
+            value: What to store as the dead letter's value (the record as JSON).
+        """
+        self._check_open()
+        self._dead_letters.send(
+            key=None if item.key is None else item.key.encode(),
+            value=value,
+            reason=reason,
+            topic=item.topic,
+            partition=item.partition,
+            offset=item.offset,
+        )
+
     def commit(self, offsets: Mapping[PartitionKey, int]) -> None:
         """Commit, synchronously, that everything before these offsets is checkpointed.
 
@@ -325,6 +344,7 @@ class KafkaEditConsumer:
                 )
         if not offsets:
             return
+        self._dead_letters.flush()  # an offset is committed only once its dead letters are in the topic
         partitions = [
             TopicPartition(topic, partition, offset) for (topic, partition), offset in offsets.items()
         ]

@@ -194,6 +194,22 @@ def test_valid_and_invalid_messages_and_dead_letter_topic(kafka_broker) -> None:
         assert message.value() == dict(messages)[message.key()]
 
 
+def test_a_message_the_caller_refuses_is_dead_lettered_before_its_offset_is_committed(kafka_broker) -> None:
+    topic, group = _name("edits"), _name("job")
+    _produce_raw(kafka_broker.bootstrap, topic, [(b"e0", json.dumps(_record(0)).encode())])
+    settings = _settings(kafka_broker.bootstrap, topic, group)
+    with KafkaEditConsumer(settings) as consumer:
+        (item,) = _poll_until(consumer, 1)
+        assert item.record is not None  # valid for the stream, refused by the job (e.g. too many tokens)
+        consumer.dead_letter(item, "prompt + answer is 300 tokens, over max_prompt_tokens=256", b"{...}")
+        consumer.commit(next_offsets([item]))
+        assert consumer.committed()[(topic, 0)] == 1
+    (dead,) = _read_topic(kafka_broker.bootstrap, settings.dead_letter_topic, 1)
+    headers = {k: v.decode() for k, v in dead.headers()}
+    assert dead.key() == b"e0" and dead.value() == b"{...}"
+    assert "max_prompt_tokens" in headers["reason"] and headers["source.offset"] == "0"
+
+
 def test_commit_resume_redelivery_and_lag(kafka_broker) -> None:
     topic, group = _name("edits"), _name("job")
     _produce_raw(
