@@ -1,0 +1,177 @@
+"""The WISE-edited model inside vLLM: an out-of-tree architecture whose edited projection routes.
+
+vLLM imports this module by qualified name in its API process, engine core and every worker, after the
+``vllm.general_plugins`` entry point (:func:`register`) has named the architectures. ``WiseLlamaForCausalLM``
+is vLLM's own ``LlamaForCausalLM`` with one change made inside ``__init__`` (vLLM records layer metadata right
+after construction): the edited projection (``hf_config.wise_layer`` / ``wise_module``, e.g.
+``model.layers.23.mlp.down_proj``) becomes a :class:`WiseRoutedProjection`. That module owns its tensors
+(vLLM's CPU backend repacks its own Linear layers after loading, so they cannot be changed in place):
+
+- ``weight``: the main memory, loaded by name from the pretrained checkpoint;
+- ``deltas`` (capacity, d_out, d_in) and ``thresholds`` (capacity,): the side memories, filled by a publish
+  (:mod:`actors.vllm_worker`), of which the first ``count`` are live.
+
+Routing (Eq. 4) follows :func:`wise.publish.route_flat`: vLLM lays the batch's sequences end to end; the forward
+context's ``query_start_loc`` gives the segments, so a prefill routes on its whole prompt and a decode step on
+its one new token. Prefix caching and chunked prefill must be off (the serving replica turns them off): both
+would split a prompt's routing decision.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from wise.publish import REDUCTIONS, route_flat
+
+logger = logging.getLogger(__name__)
+
+ARCHITECTURES = {"WiseLlamaForCausalLM": "LlamaForCausalLM"}
+
+
+def register() -> None:
+    """``vllm.general_plugins`` entry point: make the routed architectures known to vLLM (lazily, by name)."""
+    from vllm import ModelRegistry
+
+    for name in ARCHITECTURES:
+        if name not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(name, f"actors.vllm_model:{name}")
+
+
+class WiseRoutedProjection(nn.Module):
+    """The edited projection with routed side memories, for vLLM's flattened token layout.
+
+    Args:
+        in_features / out_features: the projection's shape (weight is (out, in)).
+        dtype: the model's dtype.
+        attn_layer: name of the attention layer whose metadata gives the sequence boundaries.
+        reduce: router reduction over a segment's tokens.
+        capacity: side-memory slots allocated up front (grown by a publish that needs more).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        dtype: torch.dtype,
+        attn_layer: str,
+        reduce: str = "mean",
+        capacity: int = 8,
+    ) -> None:
+        super().__init__()
+        if reduce not in REDUCTIONS:
+            raise ValueError(f"wise_reduce {reduce!r}: choose one of {list(REDUCTIONS)}")
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
+        self.register_buffer("deltas", torch.zeros(capacity, out_features, in_features, dtype=dtype))
+        # thresholds in float32 whatever the model dtype (construction runs under the model's default dtype)
+        self.register_buffer("thresholds", torch.full((capacity,), float("inf"), dtype=torch.float32))
+        self.attn_layer = attn_layer
+        self.reduce = reduce
+        self.count = 0  # live memories: the first `count` slots
+        self.version = 0  # the published version this module serves (0: none, main memory only)
+        self.ids: list[str] = []
+        self.routing = True
+
+    def _starts(self) -> torch.Tensor | None | bool:
+        """The batch's segment starts; False during profiling and dummy runs (no metadata)."""
+        from vllm.forward_context import get_forward_context, is_forward_context_available
+
+        if not is_forward_context_available():
+            return False
+        meta = get_forward_context().attn_metadata
+        if isinstance(meta, list):  # dual-batch overlap: one dict per micro-batch; not used with routing
+            meta = meta[0] if meta else None
+        if not meta:
+            return False
+        entry = meta.get(self.attn_layer) or next(iter(meta.values()))
+        return entry.query_start_loc
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        out = x @ self.weight.T  # (N, d_out) main memory
+        if self.count == 0 or not self.routing:
+            return out, None
+        starts = self._starts()
+        if starts is False:
+            return out, None
+        extra = route_flat(x, self.deltas[: self.count], self.thresholds[: self.count], starts, self.reduce)
+        return out + extra.to(out.dtype), None
+
+    @torch.no_grad()
+    def install(self, ids: list[str], thresholds: torch.Tensor, new: dict[str, torch.Tensor], version: int):
+        """Make ``ids`` the live memories: reuse held ones, copy ``new`` ones in; tensors are changed in place
+        while the capacity suffices (grown otherwise). Raises ``KeyError`` for an id neither held nor sent."""
+        held = {mid: i for i, mid in enumerate(self.ids)}
+        missing = [m for m in ids if m not in held and m not in new]
+        if missing:
+            raise KeyError(f"memories {missing[:3]} are neither held by this replica nor in the package")
+        rows = []
+        for mid in ids:
+            src = new[mid] if mid in new else self.deltas[held[mid]]
+            if tuple(src.shape) != tuple(self.deltas.shape[1:]):
+                raise ValueError(
+                    f"memory {mid} has shape {tuple(src.shape)}, not {tuple(self.deltas.shape[1:])}"
+                )
+            rows.append(src.to(self.deltas.device, self.deltas.dtype))
+        k = len(ids)
+        stacked = torch.stack(rows) if rows else self.deltas[:0].clone()
+        if k > self.deltas.shape[0]:
+            cap = max(k, 2 * self.deltas.shape[0])
+            self.deltas = torch.zeros(
+                cap, *self.deltas.shape[1:], dtype=self.deltas.dtype, device=self.deltas.device
+            )
+            self.thresholds = torch.full((cap,), float("inf"), dtype=torch.float32, device=self.deltas.device)
+        self.deltas[:k].copy_(stacked)
+        self.thresholds[:k].copy_(thresholds.to(torch.float32))
+        self.thresholds[k:].fill_(float("inf"))
+        self.count, self.ids, self.version = k, list(ids), int(version)
+
+
+def _install_routed(model: nn.Module, config) -> WiseRoutedProjection:
+    layer = int(config.wise_layer)
+    module = getattr(config, "wise_module", "mlp.down_proj") or "mlp.down_proj"
+    parent_path, _, leaf = f"model.layers.{layer}.{module}".rpartition(".")
+    parent = model.get_submodule(parent_path)
+    stock = getattr(parent, leaf)
+    out_f, in_f = int(stock.output_size), int(stock.input_size)
+    if getattr(stock, "tp_size", 1) != 1:
+        raise NotImplementedError(
+            "tensor parallelism shards the edited projection's input; routing needs the all-reduced "
+            "activation norm (see README, 'Serving on GPU'): run with tensor_parallel_size=1"
+        )
+    routed = WiseRoutedProjection(
+        in_f,
+        out_f,
+        torch.get_default_dtype(),
+        attn_layer=f"model.layers.{layer}.self_attn.attn",
+        reduce=getattr(config, "wise_reduce", "mean"),
+        capacity=int(getattr(config, "wise_capacity", 8)),
+    )
+    setattr(parent, leaf, routed)
+    logger.info("WISE routing installed at model.layers.%d.%s (%d x %d)", layer, module, out_f, in_f)
+    return routed
+
+
+def _routed_class(base_name: str) -> type:
+    import vllm.model_executor.models.llama as llama  # only Llama-family bases so far
+
+    base = getattr(llama, base_name)
+
+    class Routed(base):
+        def __init__(self, *, vllm_config, prefix: str = "", **kwargs) -> None:
+            super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+            self.wise_routed = _install_routed(self, vllm_config.model_config.hf_config)
+
+    return Routed
+
+
+def __getattr__(name: str) -> type:
+    # vLLM resolves "actors.vllm_model:WiseLlamaForCausalLM" with getattr: build the class on first use, so
+    # importing this module (e.g. for register()) does not import vLLM's model code.
+    if name in ARCHITECTURES:
+        cls = _routed_class(ARCHITECTURES[name])
+        cls.__name__ = cls.__qualname__ = name
+        globals()[name] = cls
+        return cls
+    raise AttributeError(name)
