@@ -38,6 +38,7 @@ class EvaluatorActor:
         locality: Sequence = (),
         generate: bool = True,
         pre: bool = False,
+        recent: Sequence = (),
     ) -> dict:
         """Load a state and measure retention.
 
@@ -47,10 +48,11 @@ class EvaluatorActor:
             locality: extra records whose locality pairs form the fixed locality set.
             generate: also the free-generation variants.
             pre: also measure the pre-edit model (main memory only) on ``records``.
+            recent: more edit records, measured per edit only (the recent window's edits not in ``records``).
 
         Returns:
             ``{"edits": n_edits_in_state, "post": evaluate_records(...), "locality_fixed": float|None,
-            "pre": ...}``.
+            "pre": ..., "recent": [per-edit results of ``recent``]}``.
         """
         t0 = time.perf_counter()
         ed = self.editor
@@ -67,6 +69,8 @@ class EvaluatorActor:
             after = answer_predictions(*args, pairs)
             before = answer_predictions(*args, pairs, main_only=True)
             out["locality_fixed"] = mean(agreement(after, before))
+        if recent:
+            out["recent"] = evaluate_records(*args, recent, generate=generate)["per_edit"]
         if pre:
             out["pre"] = evaluate_records(*args, records, main_only=True, generate=generate)
         out["seconds"] = time.perf_counter() - t0

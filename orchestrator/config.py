@@ -124,6 +124,9 @@ class EvalConfig(_Frozen):
     locality_set: int = Field(
         32, ge=0, description="fixed locality set: locality pairs of the stream's first N records"
     )
+    recent: int = Field(
+        16, ge=0, description="retention of the most recent N edits, next to all past edits (0: off)"
+    )
 
 
 class RuntimeConfig(_Frozen):
@@ -161,6 +164,21 @@ class CheckpointConfig(_Frozen):
     )
 
 
+class MetricsConfig(_Frozen):
+    """Prometheus metrics of the job (names in ``orchestrator/metrics.py``), served while it runs."""
+
+    port: int | None = Field(
+        None, ge=0, le=65535, description="serve /metrics on this port; 0: any free port; None: off"
+    )
+    host: str = Field(
+        "127.0.0.1",
+        description="address to bind; 0.0.0.0 (all interfaces) in a pod so Prometheus can scrape it",
+    )
+    linger_s: float = Field(
+        0.0, ge=0, description="keep serving this long after the report, for a last scrape of final values"
+    )
+
+
 class OutputConfig(_Frozen):
     dir: str = Field("runs/default", description="final WISE state (safetensors + JSON) and the report")
     report: str | None = Field(None, description="report path (default: <dir>/report.json)")
@@ -177,6 +195,7 @@ class JobConfig(_Frozen):
     output: OutputConfig = OutputConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    metrics: MetricsConfig = MetricsConfig()
     max_edits: int | None = Field(None, ge=1, description="stop after this many applied edits")
 
     def report_path(self) -> Path:

@@ -29,9 +29,10 @@ from orchestrator.config import JobConfig
 from orchestrator.inputs import EditInput, open_input
 from orchestrator.model_store import resolve_model_path
 from orchestrator.monitor import RetentionMonitor
+from orchestrator.observe import JobObserver
 from orchestrator.report import retention_fields, write_report
 from orchestrator.scheduler import ShardBook
-from orchestrator.sink import MetricsSink, default_sink
+from orchestrator.sink import FanoutSink, MetricsSink, default_sink
 from streams import EditRecord, EditStream, open_source
 from wise.batch import PromptTooLongError, Tokens
 from wise.editor import compose_state
@@ -83,7 +84,8 @@ class EditJob:
             ``stream.path``; a resumed run skips the positions already consumed.
             With ``stream.kind: kafka`` the job reads the topic instead; without ``max_edits`` it keeps
             consuming until SIGTERM (checkpoint, commit offsets, report, exit 0).
-        sink: where continuous retention measurements go (default: log + ``<output.dir>/metrics.jsonl``).
+        sink: where continuous retention measurements go (default: log + ``<output.dir>/metrics.jsonl``); they
+            also go to the job's Prometheus metrics, ``self.metrics`` (served on ``metrics.port`` while it runs).
     """
 
     def __init__(
@@ -102,6 +104,7 @@ class EditJob:
         self.evaluator: Any = None
         self.store: CheckpointStore | None = None
         self.input: EditInput | None = None
+        self.observer: JobObserver | None = None
         self._stopping = False
 
     # ------------------------------------------------------------------ setup
@@ -192,6 +195,10 @@ class EditJob:
         self._started_ray = cluster.connect(cfg.runtime)
         import ray
 
+        self.observer = JobObserver(cfg, ray.get_runtime_context().get_job_id(), self._records is not None)
+        self.metrics = self.observer.metrics  # the serving layer reports publishes and freshness here
+        self.sink = FanoutSink(self.sink, self.metrics)
+        self.observer.start(self.book, self.counters)
         first_editor = cluster.editor_actor(cfg.runtime, self.model, cfg.wise, self.pool, self.setup_state)
         try:
             info = ray.get(first_editor.info.remote())
@@ -253,6 +260,7 @@ class EditJob:
                 self._stream_done = True  # stop before reading the next record: it stays unread
         self.counters["edits_seen"] += inp.rejected - rejected_before
         self.counters["dead_lettered"] += inp.rejected - rejected_before
+        self.observer.read(self.counters, new)
         if new:
             assert self.store is not None
             self.store.append(r.model_dump(mode="json") for r in new)
@@ -284,6 +292,7 @@ class EditJob:
         }
         store.commit(state)
         inp.after_commit(position)
+        self.observer.checkpoint(state, self.book, self.bank, self.counters)
         self._record_lag()
 
     def _record_lag(self, force: bool = False) -> None:
@@ -303,14 +312,15 @@ class EditJob:
             active = Memory(torch.zeros(shape, dtype=getattr(torch, dtype)), shard_ids=[self.book.next_store])
         return compose_state(self.cfg.wise, module_path, shape, self.setup_state or {}, self.bank, active)
 
-    def _eval_inputs(self, stored: int) -> tuple[dict, dict, list, list]:
-        """What a continuous measurement needs: the stored state, a seeded sample of its edits, and the fixed
-        locality set (the locality pairs of the stream's first records)."""
+    def _eval_inputs(self, stored: int) -> tuple[dict, dict, list, list, list]:
+        """What a continuous measurement needs: the stored state, a seeded sample of its edits, the fixed
+        locality set (the locality pairs of the stream's first records), and its ``eval.recent`` latest edits."""
         by_id = {r.id: r for r in self.book.records}
         ids = self.bank.edit_ids()
         sample = [by_id[i] for i in random.Random(stored).sample(ids, min(self.cfg.eval.sample, len(ids)))]
+        recent = [by_id[i] for i in ids[-self.cfg.eval.recent :]] if self.cfg.eval.recent else []
         tensors, meta = self._state(include_active=False)
-        return tensors, meta, sample, self.book.records[: self.cfg.eval.locality_set]
+        return tensors, meta, sample, self.book.records[: self.cfg.eval.locality_set], recent
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> dict[str, Any]:
@@ -414,7 +424,8 @@ class EditJob:
                 for p in progress:
                     self.book.tasks[p.shard_id].worker = None
                     bar.update(len(p.outcomes))
-                    self.book.update(p.shard_id, p.memory, p.outcomes)
+                    stored = self.book.update(p.shard_id, p.memory, p.outcomes)
+                    self.observer.progress(p.outcomes, stored)
                     if p.outcomes:
                         last = p.outcomes[-1]
                         bar.set_postfix(
@@ -476,6 +487,7 @@ class EditJob:
                 "checkpoints": self.store.commits if self.store else 0,
                 "local_ray": self._started_ray,
                 "ray_address": ray.get_runtime_context().gcs_address,
+                "metrics_url": self.observer.address if self.observer else None,
             },
             "evaluations": self.evaluations,
             "seconds_per_edit": edit_seconds / applied_now if applied_now else None,
@@ -489,6 +501,7 @@ class EditJob:
             "config": cfg.model_dump(mode="json"),
         }
         write_report(self.report, cfg.report_path())
+        self.observer.final(self.report, ids)
         return self.report
 
     def cleanup(self) -> None:
@@ -509,6 +522,9 @@ class EditJob:
 
             ray.shutdown()
             self._started_ray = False
+        if self.observer is not None:  # last: a lingering exporter holds no actors
+            self.observer.close(linger=self.report is not None)
+            self.observer = None
 
 
 def run_job(cfg: JobConfig, records: Iterable[Any] | None = None, sink: MetricsSink | None = None) -> dict:

@@ -18,6 +18,7 @@ name                                          type       meaning
 ``edits_dead_lettered_total``                 counter    records rejected to the dead-letter file or topic
 ``edits_duplicate_total``                     counter    records skipped because their id was already applied
 ``edits_pending``                             gauge      accepted edits not applied yet
+``editor_failures_total``                     counter    editor actors that died (their shards are retrained)
 ``edit_latency_seconds``                      histogram  from an edit's arrival (read by the job) to its checkpointed
                                                          application by an editor
 ``shards_trained_total``                      counter    finished shards stored in the memory bank
@@ -145,6 +146,7 @@ class JobMetrics:
         self._dead = counter("edits_dead_lettered", "records rejected to the dead-letter file or topic")
         self._dup = counter("edits_duplicate", "records skipped because their id was already applied")
         self._pending = gauge("edits_pending", "accepted edits not applied yet")
+        self._failures = counter("editor_failures", "editor actors that died (their shards are retrained)")
         self._latency = histogram(
             "edit_latency_seconds",
             "seconds from an edit's arrival to its checkpointed application",
@@ -189,7 +191,15 @@ class JobMetrics:
         )
 
         # series that exist from the start (a query sees 0, not nothing)
-        for c in (self._seen, self._applied, self._dead, self._dup, self._shards, self._merges, self._ckpts):
+        for c in (
+            self._seen,
+            self._applied,
+            self._dead,
+            self._dup,
+            self._failures,
+            self._shards,
+            self._merges,
+        ):
             c.labels(**self.labels)
         for h in (self._latency, self._merge_s, self._freshness):
             h.labels(**self.labels)
@@ -197,12 +207,19 @@ class JobMetrics:
         self._memory_bytes.labels(**self.labels).set(0)
         for state in ("merged", "pending", "training"):
             self._memories.labels(**self.labels, state=state).set(0)
+        self._ckpts.labels(**self.labels)
         self._ckpt_ts.labels(**self.labels)
         self._checkpoint_at: float | None = None
         self._ckpt_age.labels(**self.labels).set_function(self._checkpoint_age)
 
         self._lock = threading.Lock()  # arrival tables: the serving layer may call from its own thread
-        self._applied_count = 0
+        self._totals = {
+            "edits_seen": self._seen,
+            "dead_lettered": self._dead,
+            "duplicates_skipped": self._dup,
+            "actor_failures": self._failures,
+        }
+        self._counted = dict.fromkeys([*self._totals, "edits_applied"], 0)
         self._arrived: dict[str, float] = {}  # accepted, not applied yet
         self._unserved: OrderedDict[str, float] = OrderedDict()  # arrived, not served by a published version
         self._server: Any = None
@@ -233,21 +250,15 @@ class JobMetrics:
             self._thread = None
 
     # ------------------------------------------------------------------ stream
-    def restore(self, counters: Mapping[str, int], applied: int) -> None:
-        """Continue the totals of a resumed job (counters of the checkpoint)."""
-        self._seen.labels(**self.labels).inc(counters.get("edits_seen", 0))
-        self._dead.labels(**self.labels).inc(counters.get("dead_lettered", 0))
-        self._dup.labels(**self.labels).inc(counters.get("duplicates_skipped", 0))
-        self.edits_applied((), applied)
-
-    def edits_seen(self, n: int = 1) -> None:
-        self._seen.labels(**self.labels).inc(n)
-
-    def edits_dead_lettered(self, n: int = 1) -> None:
-        self._dead.labels(**self.labels).inc(n)
-
-    def edit_duplicate(self) -> None:
-        self._dup.labels(**self.labels).inc()
+    def totals(self, counters: Mapping[str, int]) -> None:
+        """Raise the counters to the job's totals (``edits_seen``, ``dead_lettered``, ``duplicates_skipped``,
+        ``actor_failures``; a resumed job's totals include its earlier runs). Counters never go down."""
+        with self._lock:
+            for key, counter in self._totals.items():
+                total = counters.get(key, 0)
+                if total > self._counted[key]:
+                    counter.labels(**self.labels).inc(total - self._counted[key])
+                    self._counted[key] = total
 
     def edit_accepted(self, edit_id: str, at: float | None = None) -> None:
         """An edit entered the job (its arrival time starts edit latency and freshness)."""
@@ -274,9 +285,9 @@ class JobMetrics:
                 arrived = self._arrived.pop(eid, None)
                 if arrived is not None:  # None: accepted by an earlier run of a resumed job
                     self._latency.labels(**self.labels).observe(max(0.0, at - arrived))
-            if total > self._applied_count:
-                self._applied.labels(**self.labels).inc(total - self._applied_count)
-                self._applied_count = total
+            if total > self._counted["edits_applied"]:
+                self._applied.labels(**self.labels).inc(total - self._counted["edits_applied"])
+                self._counted["edits_applied"] = total
 
     def pending(self, n: int) -> None:
         self._pending.labels(**self.labels).set(n)

@@ -1,7 +1,11 @@
 """Continuous retention measurement: every ``eval.every`` stored edits the job sends the latest merged state to
 the evaluator actor and goes on editing; results are collected when they arrive, kept for the report and handed
 to the metrics sink. At most one measurement is in flight: one that comes due meanwhile measures the newest
-state once the evaluator is free."""
+state once the evaluator is free.
+
+Each measurement covers a seeded sample of all past edits (scope "all") and, with ``eval.recent``, the most
+recent edits (scope "recent": the mean of their per-edit results; only those not already sampled are measured
+again)."""
 
 from __future__ import annotations
 
@@ -15,8 +19,27 @@ from orchestrator.sink import MetricsSink
 
 logger = logging.getLogger(__name__)
 
-# (tensors, meta, sampled past edits, fixed locality records) for a state holding ``stored`` edits
-EvalInputs = Callable[[int], tuple[dict, dict, list, list]]
+# (tensors, meta, sampled past edits, fixed locality records, most recent edits) for a state of ``stored`` edits
+EvalInputs = Callable[[int], tuple[dict, dict, list, list, list]]
+
+#: Per-edit results averaged into a window's retention (``generate_*`` only when measured).
+PER_EDIT_METRICS = (
+    "reliability",
+    "generalization",
+    "locality",
+    "generate_reliability",
+    "generate_generalization",
+)
+
+
+def window_retention(per_edit: list[dict]) -> dict[str, Any]:
+    """Retention of a window of edits: for each metric, the mean of the edits' own results (None if no edit has
+    one), and ``edits``, the window's size."""
+    out: dict[str, Any] = {"edits": len(per_edit)}
+    for key in PER_EDIT_METRICS:
+        values = [e[key] for e in per_edit if e.get(key) is not None]
+        out[key] = sum(values) / len(values) if values else None
+    return out
 
 
 class RetentionMonitor:
@@ -37,7 +60,7 @@ class RetentionMonitor:
         self.cfg = cfg
         self.sink = sink
         self.evaluations = evaluations
-        self.pending: dict[Any, int] = {}  # object ref -> stored edits it measures
+        self.pending: dict[Any, tuple[int, list[str]]] = {}  # object ref -> (stored edits, recent window ids)
         self.next_at = (stored // cfg.every + 1) * cfg.every if cfg.every else 0
 
     def maybe_submit(self, stored: int, inputs: EvalInputs) -> None:
@@ -46,11 +69,13 @@ class RetentionMonitor:
         if not every or self.pending or stored < self.next_at:
             return
         self.next_at = (stored // every + 1) * every
-        tensors, meta, sample, fixed = inputs(stored)
+        tensors, meta, sample, fixed, recent = inputs(stored)
+        sampled = {r.id for r in sample}
+        extra = [r for r in recent if r.id not in sampled]
         ref = self.evaluator.evaluate.remote(
-            tensors, meta, sample, locality=fixed, generate=self.cfg.generate
+            tensors, meta, sample, locality=fixed, generate=self.cfg.generate, recent=extra
         )
-        self.pending[ref] = stored
+        self.pending[ref] = (stored, [r.id for r in recent])
 
     def collect(self, ref: Any) -> bool:
         """Record the measurement behind ``ref`` if it is one of ours (a failed one is logged, not fatal).
@@ -60,9 +85,10 @@ class RetentionMonitor:
         """
         import ray
 
-        stored = self.pending.pop(ref, None)
-        if stored is None:
+        measured = self.pending.pop(ref, None)
+        if measured is None:
             return False
+        stored, window = measured
         try:
             result = ray.get(ref)
         except ray.exceptions.RayError as err:
@@ -78,6 +104,9 @@ class RetentionMonitor:
             "locality_fixed": result.get("locality_fixed"),
             "seconds": result["seconds"],
         }
+        if window:
+            per_edit = {e["id"]: e for e in [*post["per_edit"], *result.get("recent", [])]}
+            entry["recent"] = window_retention([per_edit[i] for i in window])
         self.evaluations.append(entry)
         self.sink.record(entry)
         return True

@@ -10,6 +10,8 @@ the *active* shard, routable but not stored, as in :class:`~wise.editor.WiseEdit
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from streams import EditRecord
@@ -50,6 +52,7 @@ class ShardBook:
         self.next_store = first_shard
         self.outcomes = 0
         self.steps = 0
+        self.on_merge: Callable[[float], None] | None = None  # called with the seconds of each merge
 
     # ------------------------------------------------------------------ records
     def add(self, rec: EditRecord) -> None:
@@ -104,7 +107,9 @@ class ShardBook:
         stored = []
         while (t := self.tasks.get(self.next_store)) is not None and t.applied == self.save_freq:
             assert t.progress is not None
-            self.bank.store(t.progress)
+            t0 = time.perf_counter()
+            if self.bank.store(t.progress) and self.on_merge is not None:
+                self.on_merge(time.perf_counter() - t0)
             del self.tasks[t.shard_id]
             stored.append(t.shard_id)
             self.next_store += 1

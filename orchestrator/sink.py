@@ -1,5 +1,5 @@
-"""Where continuous retention measurements go. The observability stage exposes them to Prometheus; here they
-are logged and appended to a JSONL file next to the report."""
+"""Where continuous retention measurements go: logged and appended to a JSONL file next to the report, and
+(through :class:`FanoutSink`) to the job's Prometheus metrics (:class:`orchestrator.metrics.JobMetrics`)."""
 
 from __future__ import annotations
 
@@ -48,6 +48,17 @@ class JsonlSink:
 
 def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
+
+
+class FanoutSink:
+    """Hand each measurement to several sinks (the JSONL file and the Prometheus metrics)."""
+
+    def __init__(self, *sinks: MetricsSink) -> None:
+        self.sinks = sinks
+
+    def record(self, measurement: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            sink.record(measurement)
 
 
 def default_sink(path: str | Path) -> MetricsSink:

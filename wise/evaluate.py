@@ -228,6 +228,7 @@ def evaluate_records(
         item["locality"] = mean(lo)
         if generate:
             item["generate_reliability"] = rel_gen[i]
+            item["generate_generalization"] = mean([gen_gen[j] for j, o in enumerate(gen_owner) if o == i])
         per_edit.append(item)
     out["per_edit"] = per_edit
     return out

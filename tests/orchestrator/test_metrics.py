@@ -29,16 +29,20 @@ def test_every_name_is_documented_in_the_module_docstring():
 
 def test_two_jobs_in_one_process_have_separate_registries():
     a, b = JobMetrics("1", "m"), JobMetrics("2", "m")
-    a.edits_seen(3)
+    a.totals({"edits_seen": 3})
     assert a.registry.get_sample_value("wisestream_edits_seen_total", {"ray_job_id": "1", "model": "m"}) == 3
     assert b.registry.get_sample_value("wisestream_edits_seen_total", {"ray_job_id": "2", "model": "m"}) == 0
 
 
 def test_applied_counter_follows_the_total_and_latency_is_observed_once():
     m = JobMetrics(**LABELS)
-    m.restore({"edits_seen": 5, "dead_lettered": 1, "duplicates_skipped": 2}, applied=4)
+    # a resumed job starts from its checkpointed totals; counters follow the job's totals and never go down
+    m.totals({"edits_seen": 5, "dead_lettered": 1, "duplicates_skipped": 2, "actor_failures": 0})
+    m.edits_applied((), total=4)
+    m.totals({"edits_seen": 4})
     assert value(m, "wisestream_edits_applied_total") == 4
     assert value(m, "wisestream_edits_seen_total") == 5
+    assert value(m, "wisestream_edits_duplicate_total") == 2
     m.edit_accepted("a", at=100.0)
     m.edit_accepted("b", at=101.0)
     m.edits_applied(["a", "b"], total=6, at=103.0)
