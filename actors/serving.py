@@ -240,17 +240,18 @@ class ServingPool:
     Args:
         spec: replica settings; replica i listens on ``spec.port + i`` (or a free port when 0).
         replicas: K.
-        on_publish: called per replica after a successful publish as ``(name, version, seconds)``; and with
-            ``seconds=None`` after a failed one (for metrics).
+        metrics: optional :class:`orchestrator.metrics.JobMetrics`-like sink: ``publish_succeeded(replica,
+            version, seconds)``, ``publish_failed(replica, error)``, and ``edits_served(edit_ids, version)``
+            once the first replica serves a version (freshness).
     """
 
-    def __init__(self, spec: ReplicaSpec, replicas: int = 1, on_publish=None) -> None:
+    def __init__(self, spec: ReplicaSpec, replicas: int = 1, metrics=None) -> None:
         if replicas < 1:
             raise ValueError(f"a serving pool needs at least one replica, not {replicas}")
         spec.check()
         self.spec = spec
         self.k = replicas
-        self.on_publish = on_publish
+        self.metrics = metrics
         self.actors: list[Any] = []
         self.held: dict[str, list[str]] = {}
         self.infos: dict[str, dict] = {}
@@ -310,14 +311,16 @@ class ServingPool:
                     info = ray.get(actor.publish.remote(package))
                 except Exception as err2:  # noqa: BLE001
                     failed.append(f"{name}: {err2}")
-                    if self.on_publish:
-                        self.on_publish(name, version, None)
+                    if self.metrics is not None:
+                        self.metrics.publish_failed(name, type(err2).__name__)
                     continue
             self.held[name] = list(info["ids"])
             self.infos[name] = {k: v for k, v in info.items() if k != "seconds"}
             per[name], sizes[name] = info["seconds"], len(package)
-            if self.on_publish:
-                self.on_publish(name, version, info["seconds"])
+            if self.metrics is not None:
+                self.metrics.publish_succeeded(name, version, info["seconds"])
+                if len(per) == 1:  # the first replica serving this version: its edits are now served
+                    self.metrics.edits_served(snapshot.edit_ids, version)
         if failed:
             raise ServingError(f"publish of version {version} failed on {len(failed)} replica(s): {failed}")
         self.version = version
