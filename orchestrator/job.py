@@ -105,6 +105,7 @@ class EditJob:
         self.store: CheckpointStore | None = None
         self.input: EditInput | None = None
         self.observer: JobObserver | None = None
+        self.metrics: Any = None  # its JobMetrics once set up: the serving layer reports publishes there
         self._stopping = False
 
     # ------------------------------------------------------------------ setup
@@ -196,7 +197,7 @@ class EditJob:
         import ray
 
         self.observer = JobObserver(cfg, ray.get_runtime_context().get_job_id(), self._records is not None)
-        self.metrics = self.observer.metrics  # the serving layer reports publishes and freshness here
+        self.metrics = self.observer.metrics
         self.sink = FanoutSink(self.sink, self.metrics)
         self.observer.start(self.book, self.counters)
         first_editor = cluster.editor_actor(cfg.runtime, self.model, cfg.wise, self.pool, self.setup_state)
