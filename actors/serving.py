@@ -256,6 +256,7 @@ class ServingPool:
         self.held: dict[str, list[str]] = {}
         self.infos: dict[str, dict] = {}
         self.version = 0
+        self.start_timeout_s = 900.0
 
     def start(self) -> list[dict]:
         """Create the replicas (in parallel) and wait until each serves; returns their infos."""
@@ -268,7 +269,13 @@ class ServingPool:
         specs = [replace(self.spec, port=self.spec.port + i if self.spec.port else 0) for i in range(self.k)]
         self.actors = [actor_cls.remote(s, f"replica-{i}") for i, s in enumerate(specs)]
         try:
-            infos = ray.get([a.start.remote() for a in self.actors])
+            infos = ray.get([a.start.remote() for a in self.actors], timeout=self.start_timeout_s)
+        except ray.exceptions.GetTimeoutError as err:
+            self.stop()
+            raise ServingError(
+                f"{self.k} serving replica(s) not up within {self.start_timeout_s:.0f} s: does the cluster have "
+                f"{self.spec.cpus:g} free CPU(s) per replica next to the editors (runtime.editor_cpus each)?"
+            ) from err
         except Exception as err:
             self.stop()
             raise ServingError(f"serving replicas failed to start: {err}") from err

@@ -77,6 +77,43 @@ def _produce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from orchestrator.config import PublishConfig
+    from orchestrator.publish import serve
+
+    pub = PublishConfig(
+        replicas=args.replicas,
+        host=args.host,
+        port=args.port,
+        api_key_env=args.api_key_env,
+        served_name=args.served_name,
+        max_model_len=args.max_model_len,
+    )
+
+    def ready(infos: list[dict]) -> None:
+        for info in infos:
+            sys.stdout.write(f"{info['name']}: {info['url']}/v1  (version {info['version']})\n")
+        sys.stdout.write("serving; Ctrl-C stops\n")
+        sys.stdout.flush()
+
+    result = serve(args.checkpoint, pub, model=args.model, watch_s=args.watch, on_ready=ready)
+    sys.stdout.write(json.dumps(result) + "\n")
+    return 0
+
+
+def _bench_serving(args: argparse.Namespace) -> int:
+    from orchestrator.bench_serving import serving_benchmark
+
+    result = serving_benchmark(
+        args.checkpoint, replicas=args.replicas, requests=args.requests, max_tokens=args.max_tokens
+    )
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    sys.stdout.write(json.dumps(result) + "\n")
+    return 0
+
+
 def _model(args: argparse.Namespace) -> int:
     from orchestrator.model_store import materialise_embedded
 
@@ -132,6 +169,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     produce.add_argument("--connect-timeout", type=float, default=30.0, help="seconds to reach the broker")
     produce.set_defaults(func=_produce)
+    srv = sub.add_parser("serve", help="serve a checkpointed WISE state through vLLM's OpenAI API (Ray actors)")
+    srv.add_argument("--checkpoint", required=True, help="a job's checkpoint dir, output dir or state dir")
+    srv.add_argument("--port", type=int, default=8000, help="first replica's port (replica i: port + i)")
+    srv.add_argument("--replicas", type=int, default=1)
+    srv.add_argument("--host", default="127.0.0.1", help="bind address; not loopback requires --api-key-env")
+    srv.add_argument("--api-key-env", help="environment variable holding the API key clients must send")
+    srv.add_argument("--model", help="the unedited model (default: the one the job recorded)")
+    srv.add_argument("--served-name", default="wise", help="model name in /v1/models (default wise)")
+    srv.add_argument("--max-model-len", type=int, default=1024)
+    srv.add_argument("--watch", type=float, default=0.0, help="re-read the checkpoint every S seconds, publish changes")
+    srv.set_defaults(func=_serve)
+    bserve = bench_sub.add_parser("serving", help="publish latency and served tokens/s with and without routing")
+    bserve.add_argument("--checkpoint", required=True, help="a job's checkpoint, output or state dir")
+    bserve.add_argument("--replicas", type=int, default=2)
+    bserve.add_argument("--requests", type=int, default=32, help="completions per measurement")
+    bserve.add_argument("--max-tokens", type=int, default=32)
+    bserve.add_argument("--out", help="also write the result to this JSON file")
+    bserve.set_defaults(func=_bench_serving)
     model = sub.add_parser("model", help="materialise the embedded model checkpoint and print its path")
     model.set_defaults(func=_model)
     return parser

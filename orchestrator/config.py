@@ -179,6 +179,39 @@ class MetricsConfig(_Frozen):
     )
 
 
+class PublishConfig(_Frozen):
+    """A pool of vLLM serving replicas the job publishes its side memories to (``actors/serving.py``)."""
+
+    replicas: int = Field(0, ge=0, description="serving replicas (Ray actors running vLLM); 0: no serving")
+    every: int = Field(
+        0, ge=0, description="also publish after this many newly stored edits (0: after merges and at the end)"
+    )
+    host: str = Field("127.0.0.1", description="address the replicas' OpenAI servers bind")
+    port: int = Field(0, ge=0, le=65535, description="replica i listens on port + i; 0: free ports")
+    api_key_env: str | None = Field(
+        None, description="environment variable holding the API key (required when host is not loopback)"
+    )
+    served_name: str = Field("wise", description="model name in /v1/models")
+    cpus: float = Field(1.0, gt=0, description="Ray CPUs per replica")
+    gpus: float = Field(0.0, ge=0, description="Ray GPUs per replica")
+    max_model_len: int = Field(1024, ge=16, description="longest prompt + completion a replica accepts")
+    kv_cache_gib: float = Field(1.0, gt=0, description="KV cache per replica (GiB)")
+    keep_serving_s: float = Field(
+        0.0, ge=0, description="after a finite stream ends, keep the pool serving this long before exiting"
+    )
+
+    @model_validator(mode="after")
+    def _key_off_loopback(self) -> PublishConfig:
+        from actors.serving import is_loopback
+
+        if self.replicas and not is_loopback(self.host) and not self.api_key_env:
+            raise ValueError(
+                f"publish.host ({self.host}) is not loopback: set publish.api_key_env to the name of an "
+                "environment variable holding the API key the replicas require"
+            )
+        return self
+
+
 class OutputConfig(_Frozen):
     dir: str = Field("runs/default", description="final WISE state (safetensors + JSON) and the report")
     report: str | None = Field(None, description="report path (default: <dir>/report.json)")
@@ -196,6 +229,7 @@ class JobConfig(_Frozen):
     runtime: RuntimeConfig = RuntimeConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     metrics: MetricsConfig = MetricsConfig()
+    publish: PublishConfig = PublishConfig()
     max_edits: int | None = Field(None, ge=1, description="stop after this many applied edits")
 
     def report_path(self) -> Path:

@@ -106,6 +106,9 @@ class EditJob:
         self.input: EditInput | None = None
         self.observer: JobObserver | None = None
         self.metrics: Any = None  # its JobMetrics once set up: the serving layer reports publishes there
+        self.publisher: Any = None  # the vLLM serving pool it publishes to (publish.replicas > 0)
+        self._published_version = 0
+        self.merges = 0
         self._stopping = False
 
     # ------------------------------------------------------------------ setup
@@ -162,6 +165,7 @@ class EditJob:
             self.book = ShardBook(cfg.wise.save_freq, self.bank, first_shard=first)
             self.setup_state = ckpt["setup"]
             self.counters.update(ckpt["counters"])
+            self._published_version = ckpt.get("published_version", 0)
             self.evaluations = ckpt.get("evaluations", [])
             position = ckpt.get("position", 0)
         stored_records = self.book.next_store * cfg.wise.save_freq
@@ -216,6 +220,28 @@ class EditJob:
             ray.get([e.info.remote() for e in self.editors[1:]])
         except ray.exceptions.RayActorError as err:
             raise JobError(f"an editor could not start: {err}") from err
+        timed_merge = self.book.on_merge
+
+        def on_merge(seconds: float) -> None:
+            self.merges += 1
+            if timed_merge is not None:
+                timed_merge(seconds)
+
+        self.book.on_merge = on_merge
+        if cfg.publish.replicas:
+            from orchestrator.publish import Publisher
+
+            self.publisher = Publisher(
+                cfg.publish,
+                cfg.model.name,
+                cfg.wise,
+                info["module_path"],
+                self.metrics,
+                self._published_version,
+            )
+            self.publisher.start()
+            if self.bank.memories():  # a resumed job serves what it had stored at once
+                self.publisher.publish(self.bank.memories())
 
     # ------------------------------------------------------------------ stream
     def _reject(self, position: Any, rec: EditRecord, reason: str) -> None:
@@ -290,11 +316,14 @@ class EditJob:
             "shards": shards,
             "counters": self.counters,
             "evaluations": self.evaluations,
+            "published_version": self.publisher.version if self.publisher else self._published_version,
         }
         store.commit(state)
         inp.after_commit(position)
         self.observer.checkpoint(state, self.book, self.bank, self.counters)
         self._record_lag()
+        if self.publisher is not None:  # after the commit: a served version is always a checkpointed one
+            self.publisher.maybe_publish(self.bank.memories(), self.merges)
 
     def _record_lag(self, force: bool = False) -> None:
         """Hand consumer lag per partition (messages not yet checkpointed) to the metrics sink."""
@@ -450,6 +479,10 @@ class EditJob:
         cfg = self.cfg
         tensors, meta = self._state(include_active=True)
         state_dir = write_state(Path(cfg.output.dir) / "state", tensors, meta)
+        if self.publisher is not None:  # the final state, partial last shard included
+            final = [*self.bank.memories(), Memory.from_state(tensors, "active", meta["active"])]
+            if sum(len(m.edit_ids) for m in final) != self.publisher.published_edits:
+                self.publisher.publish(final)
         ids = [*self.bank.edit_ids(), *meta["active"]["edit_ids"]]
         accepted = [r.id for r in self.book.records]
         by_id = {r.id: r for r in self.book.records}
@@ -498,6 +531,7 @@ class EditJob:
             "dead_letter": self.input.dead_letter_target
             if self.input and self.counters["dead_lettered"]
             else None,
+            "serving": self.publisher.summary() if self.publisher else None,
             "per_edit": result["post"]["per_edit"],
             "config": cfg.model_dump(mode="json"),
         }
@@ -507,6 +541,16 @@ class EditJob:
 
     def cleanup(self) -> None:
         """Stop the actors, close files, and shut down a Ray instance this job started (idempotent)."""
+        if self.publisher is not None:
+            if self.report is not None and self.cfg.publish.keep_serving_s:
+                logger.info(
+                    "serving %s for %.0f s more (publish.keep_serving_s)",
+                    self.publisher.pool.urls,
+                    self.cfg.publish.keep_serving_s,
+                )
+                time.sleep(self.cfg.publish.keep_serving_s)
+            self.publisher.stop()
+            self.publisher = None
         if self.input is not None:
             self.input.close()
         if self.store is not None:

@@ -38,17 +38,35 @@ def post(url: str, body: dict, key: str | None = KEY, timeout: float = 120.0) ->
 
 @pytest.fixture(scope="module")
 def wise_run(tmp_path_factory, ray_local):
-    """A 4-edit WISE job on SmolLM2 (two 2-edit shards): its config, report and state directory."""
+    """A 4-edit WISE job on SmolLM2 (two 2-edit shards) that publishes to its own one-replica pool: its config,
+    report and state directory."""
     from orchestrator.job import run_job
 
     out = tmp_path_factory.mktemp("serve_run")
     cfg = load_config(
         ROOT / "configs" / "default.yaml",
-        ["max_edits=4", "eval.generate=false", "eval.every=100", f"output.dir={out}"],
+        [
+            "max_edits=4",
+            "eval.generate=false",
+            "eval.every=100",
+            f"output.dir={out}",
+            "runtime.editor_cpus=1",  # one CPU for the editor, one for the serving replica
+            "publish.replicas=1",
+        ],
     )
     report = run_job(cfg)
     assert report["edits_applied"] == 4
     return cfg, report, Path(report["state_dir"])
+
+
+def test_job_publishes_after_every_merge(wise_run):
+    """Two 2-edit shards, each merged on storage (WISE-Retrieve): two versions, the last holding all 4 edits."""
+    _, report, _ = wise_run
+    serving = report["serving"]
+    assert serving["failures"] == 0
+    assert serving["version"] == 2, serving
+    assert serving["last"]["edits"] == 4 and serving["last"]["memories"] == 2
+    assert serving["urls"] and serving["urls"][0].startswith("http://127.0.0.1:")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,269 @@
+"""Publishing WISE states to the vLLM serving pool: from a running job, and from a checkpoint (``wisestream serve``).
+
+The job's :class:`Publisher` publishes the stored state (merged and pending memories) after every merge, every
+``publish.every`` newly stored edits, and the final state (partial last shard included) at the end. Versions
+increase monotonically across restarts (the last one is in the checkpoint). A failed publish is logged and
+counted (``wisestream_publish_failures_total``, alert ``WisestreamPublishFailing``); editing goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from actors.serving import ReplicaSpec, ServingError, ServingPool
+from orchestrator.checkpoint import MEMORIES
+from orchestrator.config import PublishConfig
+from orchestrator.model_store import resolve_model_path
+from wise.config import WiseConfig
+from wise.memory import Memory
+from wise.publish import PublishError, ServingSnapshot
+from wise.state import read_state
+
+logger = logging.getLogger(__name__)
+
+
+class ServeError(RuntimeError):
+    """A checkpoint or state that cannot be served, or a missing API key."""
+
+
+def replica_spec(pub: PublishConfig, model: str, wise: WiseConfig) -> ReplicaSpec:
+    key = None
+    if pub.api_key_env:
+        key = os.environ.get(pub.api_key_env)
+        if not key:
+            raise ServeError(f"publish.api_key_env names {pub.api_key_env}, which is not set or empty")
+    return ReplicaSpec(
+        model=str(resolve_model_path(model)),
+        layer=wise.layer,
+        module=wise.module or "mlp.down_proj",
+        reduce=wise.router_reduce,
+        host=pub.host,
+        port=pub.port,
+        api_key=key,
+        served_name=pub.served_name,
+        max_model_len=pub.max_model_len,
+        kv_cache_gib=pub.kv_cache_gib,
+        cpus=pub.cpus,
+        gpus=pub.gpus,
+    )
+
+
+class Publisher:
+    """The job's side of the serving pool.
+
+    Args:
+        pub: ``publish.*`` settings.
+        model: ``model.name``.
+        wise: the job's WISE settings (edited layer, router reduction).
+        module_path: the edited projection's path.
+        metrics: the job's :class:`~orchestrator.metrics.JobMetrics` (or None).
+        version: the last version published before a restart (from the checkpoint).
+    """
+
+    def __init__(
+        self,
+        pub: PublishConfig,
+        model: str,
+        wise: WiseConfig,
+        module_path: str,
+        metrics: Any = None,
+        version: int = 0,
+    ) -> None:
+        self.pub = pub
+        self.module_path = module_path
+        self.reduce = wise.router_reduce
+        self.pool = ServingPool(replica_spec(pub, model, wise), pub.replicas, metrics=metrics)
+        self.pool.version = version
+        self.published_edits = -1
+        self.published_merges = -1
+        self.failures = 0
+        self.last: dict | None = None
+
+    @property
+    def version(self) -> int:
+        return self.pool.version
+
+    def start(self) -> list[dict]:
+        infos = self.pool.start()
+        for info in infos:
+            logger.info("serving replica %s at %s", info["name"], info["url"])
+        return infos
+
+    def maybe_publish(self, memories: list[Memory], merges: int) -> dict | None:
+        """Publish the stored memories if a merge happened or ``publish.every`` edits were stored since."""
+        n = sum(len(m.edit_ids) for m in memories)
+        due_merge = merges != self.published_merges
+        due_every = self.pub.every and n - max(self.published_edits, 0) >= self.pub.every
+        if n == 0 or not (due_merge or due_every) or n == self.published_edits and not due_merge:
+            return None
+        result = self.publish(memories)
+        if result is not None:
+            self.published_merges = merges
+        return result
+
+    def publish(self, memories: list[Memory]) -> dict | None:
+        try:
+            snapshot = ServingSnapshot.from_memories(self.module_path, self.reduce, memories)
+        except PublishError:
+            return None
+        try:
+            result = self.pool.publish(snapshot)
+        except ServingError as err:
+            self.failures += 1
+            logger.error(
+                "publish failed (editing goes on; the replicas keep serving the last version): %s", err
+            )
+            return None
+        self.published_edits = snapshot.n_edits
+        self.last = {**result, "edits": snapshot.n_edits, "memories": len(snapshot.ids)}
+        logger.info(
+            "published version %d (%d memories, %d edits) to %d replicas in %.2f s",
+            result["version"],
+            len(snapshot.ids),
+            snapshot.n_edits,
+            len(result["replicas"]),
+            result["seconds"],
+        )
+        return result
+
+    def summary(self) -> dict:
+        return {
+            "version": self.version,
+            "urls": self.pool.urls,
+            "failures": self.failures,
+            "last": self.last,
+        }
+
+    def stop(self) -> None:
+        self.pool.stop()
+
+
+# ---------------------------------------------------------------------------------------------- serve
+
+
+def load_source(path: str | Path) -> tuple[ServingSnapshot, str | None, WiseConfig]:
+    """The servable state in ``path``: a job's checkpoint directory (``checkpoint.json``), a job's output
+    directory (``state/``) or a state directory (``wise_state.json``).
+
+    Returns:
+        (snapshot, model name if recorded, WISE settings).
+
+    Raises:
+        ServeError: nothing servable there.
+    """
+    path = Path(path)
+    if (path / "checkpoint.json").is_file():
+        ckpt = json.loads((path / "checkpoint.json").read_text())
+        job = ckpt.get("job") or {}
+        wise = WiseConfig.model_validate(job["wise"])
+        names = [*ckpt["bank"]["merged"], *ckpt["bank"]["pending"]]
+        mems = [_read_memory(path / MEMORIES / n) for n in names]
+        module_path = _module_path(wise)
+        try:
+            snap = ServingSnapshot.from_memories(module_path, wise.router_reduce, mems)
+        except PublishError as err:
+            raise ServeError(f"{path}: {err} (no shard stored yet)") from err
+        return snap, job.get("model"), wise
+    state_dir = path / "state" if (path / "state" / "wise_state.json").is_file() else path
+    if not (state_dir / "wise_state.json").is_file():
+        raise ServeError(
+            f"{path} holds no checkpoint.json, state/ or wise_state.json: pass a job's checkpoint or output dir"
+        )
+    tensors, meta = read_state(state_dir)
+    wise = WiseConfig.model_validate(meta["config"])
+    model = None
+    for report in (path / "report.json", state_dir.parent / "report.json"):
+        if report.is_file():
+            model = json.loads(report.read_text()).get("config", {}).get("model", {}).get("name")
+            break
+    try:
+        return ServingSnapshot.from_state(tensors, meta), model, wise
+    except PublishError as err:
+        raise ServeError(f"{state_dir}: {err}") from err
+
+
+def _module_path(wise: WiseConfig) -> str:
+    # the serving architectures are Llama-family (actors/vllm_model.py): decoder layers under model.layers
+    return f"model.layers.{wise.layer}.{wise.module or 'mlp.down_proj'}"
+
+
+def _read_memory(path: Path) -> Memory:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise ServeError(f"{path} is referenced by the checkpoint but missing")
+    with safe_open(str(path), framework="pt") as fh:
+        meta = json.loads(fh.metadata()["meta"])
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    return Memory.from_state(tensors, "delta", meta)
+
+
+def serve(
+    source: str,
+    pub: PublishConfig,
+    model: str | None = None,
+    watch_s: float = 0.0,
+    stop: threading.Event | None = None,
+    on_ready=None,
+) -> dict:
+    """Serve a checkpointed WISE state through a pool of vLLM replicas until SIGINT/SIGTERM (or ``stop``).
+
+    Args:
+        source: checkpoint, output or state directory (:func:`load_source`).
+        pub: replicas, host, port, API key.
+        model: the unedited model (default: the one the job recorded).
+        watch_s: re-read ``source`` this often and publish a new version when it changed (0: never).
+        stop: an event that ends serving (tests); signals do too.
+        on_ready: called with the pool's infos once the first version is served.
+
+    Returns:
+        ``{"version", "urls", "publishes"}`` when stopped.
+    """
+    from orchestrator import cluster
+    from orchestrator.config import RuntimeConfig
+
+    snapshot, recorded, wise = load_source(source)
+    model = model or recorded
+    if not model:
+        raise ServeError(f"{source} does not record its model: pass --model")
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+    started = cluster.connect(RuntimeConfig())
+    pool = ServingPool(replica_spec(pub, model, wise), max(1, pub.replicas))
+    publishes = 0
+    try:
+        infos = pool.start()
+        pool.publish(snapshot)
+        publishes += 1
+        infos = [{**i, "version": pool.version} for i in pool.infos.values()]
+        logger.info("serving %d edits (%d memories) as version %d", snapshot.n_edits, len(snapshot.ids), 1)
+        if on_ready is not None:
+            on_ready(infos)
+        while not stop.wait(watch_s or 3600):
+            if not watch_s:
+                continue
+            try:
+                fresh, _, _ = load_source(source)
+            except (ServeError, OSError, ValueError) as err:  # a checkpoint mid-write: try again later
+                logger.warning("re-reading %s: %s", source, err)
+                continue
+            if fresh.ids != snapshot.ids or not fresh.thresholds.equal(snapshot.thresholds):
+                result = pool.publish(fresh)
+                publishes += 1
+                snapshot = fresh
+                logger.info("published version %d (%d edits)", result["version"], fresh.n_edits)
+        return {"version": pool.version, "urls": pool.urls, "publishes": publishes}
+    finally:
+        pool.stop()
+        if started:
+            import ray
+
+            ray.shutdown()
