@@ -49,7 +49,9 @@ class ReplicaSpec:
     Attributes:
         model: checkpoint directory (HF layout) of the unedited model.
         layer / module / reduce: the edited projection and the router reduction (from the WISE state).
-        host / port: where the OpenAI server listens; port 0 picks a free one.
+        host / port: where the OpenAI server listens; port 0 picks a free one. Replicas of one pool share
+            ``port``: each takes the first free one of ``port .. port + port_tries - 1`` on its node, so one
+            replica per node (a pod) always gets ``port`` itself.
         api_key: required on every non-health path; mandatory unless ``host`` is loopback.
         served_name: the model name clients send (``/v1/models``).
         dtype / max_model_len / kv_cache_gib / capacity: engine settings (capacity = side-memory slots
@@ -63,6 +65,7 @@ class ReplicaSpec:
     reduce: str = "mean"
     host: str = "127.0.0.1"
     port: int = 0
+    port_tries: int = 1
     api_key: str | None = None
     served_name: str = "wise"
     dtype: str = "float32"
@@ -111,6 +114,24 @@ class ReplicaSpec:
         return args + list(self.extra_args)
 
 
+class _VersionRoute:
+    """ASGI wrapper answering ``GET /wise/version`` (version served, live memories) from the replica itself."""
+
+    def __init__(self, app, replica: ServingReplica) -> None:
+        self.app = app
+        self.replica = replica
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/wise/version":
+            from starlette.responses import JSONResponse
+
+            info = await self.replica.info()
+            body = {"version": info["version"], "memories": info["memories"], "name": self.replica.name}
+            await JSONResponse(body)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 class _GuardAll:
     """ASGI middleware: with an API key, every path but the open ones needs ``Authorization: Bearer KEY``."""
 
@@ -136,6 +157,23 @@ class _GuardAll:
         await self.app(scope, receive, send)
 
 
+def _bind(host: str, port: int, tries: int):
+    """A socket bound to the first free port of ``port .. port + tries - 1`` (any free one for 0)."""
+    import socket
+
+    last: OSError | None = None
+    for p in [0] if port == 0 else range(port, port + max(1, tries)):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, p))
+            return sock
+        except OSError as err:
+            sock.close()
+            last = err
+    raise ServingError(f"no free port in {port}..{port + tries - 1} on {host}: {last}")
+
+
 class ServingReplica:
     """Ray actor body (async): one vLLM engine + its OpenAI HTTP server, publish through the engine handle."""
 
@@ -155,8 +193,6 @@ class ServingReplica:
         os.environ["VLLM_SERVER_DEV_MODE"] = "0"  # never the runtime-control endpoints
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(self.spec.kv_cache_gib))))
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-        import socket
-
         import uvicorn
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
@@ -166,9 +202,7 @@ class ServingReplica:
         from vllm.utils.argparse_utils import FlexibleArgumentParser
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.spec.host, self.spec.port))
+        sock = _bind(self.spec.host, self.spec.port, self.spec.port_tries)
         self.port = sock.getsockname()[1]
         args = make_arg_parser(FlexibleArgumentParser()).parse_args(self.spec.cli_args(self.port))
         engine_args = AsyncEngineArgs.from_cli_args(args)
@@ -177,7 +211,8 @@ class ServingReplica:
         tasks = await self.engine.get_supported_tasks()
         app = build_app(args, tasks, self.engine.model_config)
         await init_app_state(self.engine, app.state, args, tasks)
-        asgi = _GuardAll(app, self.spec.api_key) if self.spec.api_key else app
+        asgi = _VersionRoute(app, self)
+        asgi = _GuardAll(asgi, self.spec.api_key) if self.spec.api_key else asgi
         config = uvicorn.Config(asgi, log_level="warning", access_log=False, timeout_keep_alive=5)
         self.server = uvicorn.Server(config)
         self.task = asyncio.get_running_loop().create_task(self.server.serve(sockets=[sock]))
@@ -238,7 +273,8 @@ class ServingPool:
     """K serving replicas as Ray actors, published to one at a time.
 
     Args:
-        spec: replica settings; replica i listens on ``spec.port + i`` (or a free port when 0).
+        spec: replica settings; every replica takes the first free port from ``spec.port`` on its node (replicas
+            sharing a machine get ``port``, ``port + 1``, ...), or any free port when 0.
         replicas: K.
         metrics: optional :class:`orchestrator.metrics.JobMetrics`-like sink: ``publish_succeeded(replica,
             version, seconds)``, ``publish_failed(replica, error)``, and ``edits_served(edit_ids, version)``
@@ -266,7 +302,7 @@ class ServingPool:
         actor_cls = ray.remote(ServingReplica).options(
             num_cpus=self.spec.cpus, num_gpus=self.spec.gpus, max_concurrency=64
         )
-        specs = [replace(self.spec, port=self.spec.port + i if self.spec.port else 0) for i in range(self.k)]
+        specs = [replace(self.spec, port_tries=self.k) for _ in range(self.k)]
         self.actors = [actor_cls.remote(s, f"replica-{i}") for i, s in enumerate(specs)]
         try:
             infos = ray.get([a.start.remote() for a in self.actors], timeout=self.start_timeout_s)

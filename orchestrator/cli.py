@@ -78,17 +78,22 @@ def _produce(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from orchestrator.config import PublishConfig
     from orchestrator.publish import serve
 
-    pub = PublishConfig(
-        replicas=args.replicas,
-        host=args.host,
-        port=args.port,
-        api_key_env=args.api_key_env,
-        served_name=args.served_name,
-        max_model_len=args.max_model_len,
-    )
+    try:
+        pub = PublishConfig(
+            replicas=args.replicas,
+            host=args.host,
+            port=args.port,
+            api_key_env=args.api_key_env,
+            served_name=args.served_name,
+            max_model_len=args.max_model_len,
+        )
+    except ValidationError as err:
+        raise ConfigError("; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())) from None
 
     def ready(infos: list[dict]) -> None:
         for info in infos:
@@ -169,18 +174,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     produce.add_argument("--connect-timeout", type=float, default=30.0, help="seconds to reach the broker")
     produce.set_defaults(func=_produce)
-    srv = sub.add_parser("serve", help="serve a checkpointed WISE state through vLLM's OpenAI API (Ray actors)")
+    srv = sub.add_parser(
+        "serve", help="serve a checkpointed WISE state through vLLM's OpenAI API (Ray actors)"
+    )
     srv.add_argument("--checkpoint", required=True, help="a job's checkpoint dir, output dir or state dir")
-    srv.add_argument("--port", type=int, default=8000, help="first replica's port (replica i: port + i)")
+    srv.add_argument(
+        "--port",
+        type=int,
+        default=8000,
+        help="first port; replicas on one machine take port, port + 1, ... (default 8000)",
+    )
     srv.add_argument("--replicas", type=int, default=1)
     srv.add_argument("--host", default="127.0.0.1", help="bind address; not loopback requires --api-key-env")
     srv.add_argument("--api-key-env", help="environment variable holding the API key clients must send")
     srv.add_argument("--model", help="the unedited model (default: the one the job recorded)")
     srv.add_argument("--served-name", default="wise", help="model name in /v1/models (default wise)")
     srv.add_argument("--max-model-len", type=int, default=1024)
-    srv.add_argument("--watch", type=float, default=0.0, help="re-read the checkpoint every S seconds, publish changes")
+    srv.add_argument(
+        "--watch", type=float, default=0.0, help="re-read the checkpoint every S seconds, publish changes"
+    )
     srv.set_defaults(func=_serve)
-    bserve = bench_sub.add_parser("serving", help="publish latency and served tokens/s with and without routing")
+    bserve = bench_sub.add_parser(
+        "serving", help="publish latency and served tokens/s with and without routing"
+    )
     bserve.add_argument("--checkpoint", required=True, help="a job's checkpoint, output or state dir")
     bserve.add_argument("--replicas", type=int, default=2)
     bserve.add_argument("--requests", type=int, default=32, help="completions per measurement")
@@ -205,10 +221,13 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"config error: {err}\n")
         return 2
     except Exception as err:  # user-facing boundary: one clear line, details in --verbose
+        from actors.serving import ServingError
         from orchestrator.job import JobError
+        from orchestrator.publish import ServeError
         from streams import StreamError
+        from wise.publish import PublishError
 
-        if isinstance(err, JobError | StreamError):
+        if isinstance(err, JobError | StreamError | ServeError | ServingError | PublishError):
             sys.stderr.write(f"error: {err}\n")
             return 1
         raise

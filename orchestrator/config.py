@@ -187,7 +187,7 @@ class PublishConfig(_Frozen):
         0, ge=0, description="also publish after this many newly stored edits (0: after merges and at the end)"
     )
     host: str = Field("127.0.0.1", description="address the replicas' OpenAI servers bind")
-    port: int = Field(0, ge=0, le=65535, description="replica i listens on port + i; 0: free ports")
+    port: int = Field(0, ge=0, le=65535, description="replicas take the first free port from here on their node (port, port + 1, ...); 0: free ports")
     api_key_env: str | None = Field(
         None, description="environment variable holding the API key (required when host is not loopback)"
     )
@@ -206,7 +206,7 @@ class PublishConfig(_Frozen):
 
         if self.replicas and not is_loopback(self.host) and not self.api_key_env:
             raise ValueError(
-                f"publish.host ({self.host}) is not loopback: set publish.api_key_env to the name of an "
+                f"publish.host ({self.host}) is not loopback: set publish.api_key_env (serve: --api-key-env) to the name of an "
                 "environment variable holding the API key the replicas require"
             )
         return self

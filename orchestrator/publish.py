@@ -233,10 +233,10 @@ def serve(
     if not model:
         raise ServeError(f"{source} does not record its model: pass --model")
     stop = stop or threading.Event()
-    if threading.current_thread() is threading.main_thread():
+    started = cluster.connect(RuntimeConfig())
+    if threading.current_thread() is threading.main_thread():  # after ray.init, which installs its own
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-    started = cluster.connect(RuntimeConfig())
     pool = ServingPool(replica_spec(pub, model, wise), max(1, pub.replicas))
     publishes = 0
     try:
