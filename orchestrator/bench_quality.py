@@ -1,0 +1,411 @@
+"""Quality benchmark: sequential editing on ZsRE and CounterFact with WISE and the baselines, retention at
+milestones T (``wisestream bench quality``; config ``configs/bench/quality.yaml``).
+
+One sequential run per (method, dataset) yields every milestone: after the first T edits of the stream, the
+first T edits are evaluated on the editor's state as it is, which is the state an independent T-edit run ends
+with (WISE's partial last shard is routable, as in the job's final state; evaluation changes nothing), so the
+run goes on from there. A test compares both, tensor by tensor and metric by metric.
+
+Runs are resumable: the editor state (safetensors + JSON) and ``progress.json`` are written every
+``checkpoint_every`` edits and at each milestone, and a milestone's result file is its commit point. The same
+command again continues from the last checkpoint and never recomputes a finished milestone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from orchestrator.config import ConfigError, ModelConfig, build_config, load_config
+from wise.state import atomic_write
+
+logger = logging.getLogger(__name__)
+
+SMOKE_SETTINGS: dict[str, dict[str, Any]] = {
+    # a CI-sized run: T = 1, 2 on the real model, fewer WISE steps and a 32-prompt irrelevant pool (numbers are
+    # sanity checks only); the baselines keep their settings, they cost about a second per edit
+    "wise": {"n_iter": 15, "templates": {"count": 1, "length": 4}},
+    "ft-l": {},
+    "grace": {},
+}
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetSpec(_Frozen):
+    """An edit file and the pool of unrelated records whose locality pairs are the irrelevant inputs."""
+
+    path: str
+    format: str = "auto"
+    irrelevant: dict[str, Any] = Field(default_factory=dict, description="as the job's irrelevant: block")
+
+
+class MethodSpec(_Frozen):
+    """An editor kind and its settings (validated by that kind's config class)."""
+
+    kind: Literal["wise", "ft-l", "grace"]
+    from_config: str | None = Field(
+        None, description="wise: take the `wise:` block of this job config, then apply `settings`"
+    )
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+
+class RunSpec(_Frozen):
+    method: str
+    dataset: str
+    max_t: int = Field(ge=1)
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}/{self.dataset}"
+
+
+class QualityConfig(_Frozen):
+    """The quality benchmark: datasets, methods, and which (method, dataset) runs go up to which T."""
+
+    model: ModelConfig = ModelConfig()
+    milestones: tuple[int, ...] = (1, 10, 100, 1000)
+    checkpoint_every: int = Field(10, ge=1, description="edits between state checkpoints inside a run")
+    generate: bool = Field(True, description="also measure the free-generation metrics")
+    output: str = Field("benchmarks/results", description="results JSON, report and plots (committed)")
+    work: str = Field("benchmarks/work", description="resumable editor states (not committed)")
+    datasets: dict[str, DatasetSpec]
+    methods: dict[str, MethodSpec]
+    runs: tuple[RunSpec, ...]
+
+    @model_validator(mode="after")
+    def _known(self) -> QualityConfig:
+        for r in self.runs:
+            if r.method not in self.methods:
+                raise ValueError(f"runs: unknown method {r.method!r}; choose one of {sorted(self.methods)}")
+            if r.dataset not in self.datasets:
+                raise ValueError(
+                    f"runs: unknown dataset {r.dataset!r}; choose one of {sorted(self.datasets)}"
+                )
+        if list(self.milestones) != sorted(set(self.milestones)) or self.milestones[0] < 1:
+            raise ValueError(f"milestones must be increasing positive integers, got {list(self.milestones)}")
+        return self
+
+
+def load_quality_config(path: str | Path, smoke: bool = False) -> QualityConfig:
+    """Load the benchmark config; ``smoke`` shrinks it to T = 1, 2 with few steps, under ``benchmarks/smoke``.
+
+    Raises:
+        ConfigError: unknown keys or bad values, with the key path.
+    """
+    try:
+        data = yaml_load(path)
+        if smoke:
+            data = {
+                **data,
+                "milestones": [1, 2],
+                "checkpoint_every": 1,
+                "output": "benchmarks/smoke/results",
+                "work": "benchmarks/smoke/work",
+                "runs": [{**r, "max_t": 2} for r in data["runs"]],
+                "datasets": {
+                    name: {**d, "irrelevant": {**d.get("irrelevant", {}), "limit": 32}}
+                    for name, d in data["datasets"].items()
+                },
+                "methods": {
+                    name: {**m, "settings": {**m.get("settings", {}), **SMOKE_SETTINGS[m["kind"]]}}
+                    for name, m in data["methods"].items()
+                },
+            }
+        return QualityConfig.model_validate(data)
+    except ValidationError as err:
+        msgs = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
+        raise ConfigError(f"{path}: " + "; ".join(msgs)) from None
+
+
+def yaml_load(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text())
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------- editors
+class SequentialEditor(Protocol):
+    """What a run needs from an editor (WiseEditor and the baselines all offer it)."""
+
+    model: torch.nn.Module
+    routed: Any
+    tokens: Any
+
+    @property
+    def n_edits(self) -> int: ...
+
+    def prepare(self) -> None: ...
+
+    def apply(self, edits: Sequence[Any]) -> list[Any]: ...
+
+    def save(self, directory: str | Path) -> Path: ...
+
+    def load(self, directory: str | Path) -> None: ...
+
+
+def method_settings(spec: MethodSpec) -> BaseModel:
+    """The validated config object of a method (WiseConfig, FTLConfig or GraceConfig).
+
+    Raises:
+        ConfigError: bad settings, with the key path.
+    """
+    from wise.baselines import FTLConfig, GraceConfig
+    from wise.config import WiseConfig
+
+    try:
+        if spec.kind == "wise":
+            base = load_config(spec.from_config).wise.model_dump() if spec.from_config else {}
+            return WiseConfig.model_validate(_merge(base, spec.settings))
+        return {"ft-l": FTLConfig, "grace": GraceConfig}[spec.kind].model_validate(spec.settings)
+    except ValidationError as err:
+        raise ConfigError(f"method settings ({spec.kind}): {err}") from None
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def make_editor(
+    kind: str, settings: BaseModel, model, tokenizer, irrelevant: Sequence[tuple[str, str]]
+) -> SequentialEditor:
+    """Build the editor of ``kind`` around ``model`` (its edited layer is wrapped in place)."""
+    from wise.baselines import FTLEditor, GraceEditor
+    from wise.editor import WiseEditor
+
+    if kind == "wise":
+        return WiseEditor(model, tokenizer, settings, irrelevant=irrelevant)
+    if kind == "grace":
+        return GraceEditor(model, tokenizer, settings, irrelevant=irrelevant)
+    return FTLEditor(model, tokenizer, settings)
+
+
+# ---------------------------------------------------------------------------------------------- one run
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda p: Path(p).write_text(json.dumps(obj, indent=1) + "\n"))
+
+
+def milestone_path(results_dir: Path, t: int) -> Path:
+    return results_dir / f"T{t}.json"
+
+
+def sequential_run(
+    make: Callable[[], SequentialEditor],
+    records: Sequence[Any],
+    milestones: Sequence[int],
+    work_dir: Path,
+    results_dir: Path,
+    *,
+    fingerprint: dict[str, Any],
+    evaluate: Callable[[SequentialEditor, Sequence[Any]], dict[str, Any]],
+    checkpoint_every: int = 10,
+    extra: dict[str, Any] | None = None,
+) -> list[int]:
+    """Apply ``records`` in order, evaluating the first T edits at each milestone T, resumably.
+
+    Args:
+        make: builds a fresh editor (the model is loaded only when some milestone is left to do).
+        records: the stream, at least ``max(milestones)`` long.
+        milestones: increasing T's to evaluate.
+        work_dir: where the editor state and ``progress.json`` live.
+        results_dir: where ``T{t}.json`` results go (a finished milestone is never recomputed).
+        fingerprint: what the state depends on (method settings, data, model); a resumed state written with
+            another fingerprint is refused.
+        evaluate: metrics of an editor on records.
+        checkpoint_every: edits between state checkpoints.
+        extra: fields added to every result (command, machine).
+
+    Returns:
+        The milestones evaluated by this call.
+
+    Raises:
+        ConfigError: the state in ``work_dir`` belongs to other settings, or lies past an unfinished milestone.
+    """
+    todo = [t for t in milestones if not milestone_path(results_dir, t).exists()]
+    if not todo:
+        return []
+    progress_path = work_dir / "progress.json"
+    progress = json.loads(progress_path.read_text()) if progress_path.exists() else None
+    if progress is not None and progress["fingerprint"] != fingerprint:
+        raise ConfigError(f"{work_dir} holds a run with other settings: delete it to start over")
+    editor = make()
+    editor.prepare()
+    if progress is not None:
+        editor.load(work_dir / "state")
+        if editor.n_edits != progress["applied"]:
+            raise ConfigError(
+                f"{work_dir}: state holds {editor.n_edits} edits, progress says {progress['applied']}"
+            )
+        logger.info("resuming %s at %d edits", work_dir, editor.n_edits)
+    else:
+        progress = {"fingerprint": fingerprint, "applied": 0, "edit_seconds": 0.0, "steps": []}
+    done = []
+    for t in todo:
+        if editor.n_edits > t:
+            raise ConfigError(
+                f"{work_dir}: state has {editor.n_edits} edits, past milestone T={t}: delete it"
+            )
+        while editor.n_edits < t:
+            n = editor.n_edits
+            upto = min(t, (n // checkpoint_every + 1) * checkpoint_every)
+            t0 = time.perf_counter()
+            outcomes = editor.apply(records[n:upto])
+            progress["edit_seconds"] += time.perf_counter() - t0
+            progress["steps"] += [o.steps for o in outcomes]
+            progress["applied"] = editor.n_edits
+            editor.save(work_dir / "state")
+            _write_json(progress_path, progress)  # after the state: a crash between them resumes the state
+            logger.info(
+                "%s: %d edits, %.2f s/edit",
+                work_dir,
+                editor.n_edits,
+                progress["edit_seconds"] / editor.n_edits,
+            )
+        t0 = time.perf_counter()
+        metrics = evaluate(editor, records[:t])
+        result = {
+            "T": t,
+            **metrics,
+            "seconds_per_edit": progress["edit_seconds"] / t,
+            "mean_steps": sum(progress["steps"][:t]) / t,
+            "eval_seconds": time.perf_counter() - t0,
+            **(extra or {}),
+        }
+        _write_json(milestone_path(results_dir, t), result)
+        logger.info("%s T=%d: %s", results_dir, t, metrics.get("teacher_forced"))
+        done.append(t)
+    return done
+
+
+# ---------------------------------------------------------------------------------------------- the suite
+def machine() -> dict[str, Any]:
+    """CPU, cores, torch: what the report prints under every number."""
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def invoked_command() -> str:
+    """The command line as a user types it (``wisestream ...``)."""
+    args = sys.argv[1:]
+    return "wisestream " + " ".join(shlex.quote(a) for a in args)
+
+
+def _records(spec: DatasetSpec, n: int) -> list:
+    from streams import EditStream, open_source
+
+    return [r for _, r in EditStream(open_source(spec.path, spec.format), max_records=n)]
+
+
+def quality_benchmark(
+    qcfg: QualityConfig, only: Sequence[str] = (), max_t: int | None = None, command: str | None = None
+) -> dict[str, list[int]]:
+    """Run the configured (method, dataset) runs in order, each up to its ``max_t`` (capped by ``max_t``).
+
+    Args:
+        qcfg: the benchmark config.
+        only: run names ``method/dataset`` to run (all when empty).
+        max_t: cap on every run's T (e.g. 100 first, the long runs later).
+        command: recorded in each result (default: this process's command line).
+
+    Returns:
+        Milestones evaluated by this call, per run name.
+    """
+    from orchestrator.job import irrelevant_pool
+    from orchestrator.model_store import load_model
+    from wise.evaluate import evaluate_records
+
+    unknown = set(only) - {r.name for r in qcfg.runs}
+    if unknown:
+        raise ConfigError(f"unknown runs {sorted(unknown)}; choose among {[r.name for r in qcfg.runs]}")
+    out, work = Path(qcfg.output), Path(qcfg.work)
+    extra = {"command": command or invoked_command(), "machine": machine()}
+    job_cfg = build_config({"model": qcfg.model.model_dump()})
+    evaluated: dict[str, list[int]] = {}
+    for run in qcfg.runs:
+        if only and run.name not in only:
+            continue
+        cap = min(run.max_t, max_t or run.max_t)
+        dataset, spec = qcfg.datasets[run.dataset], qcfg.methods[run.method]
+        milestones = [t for t in qcfg.milestones if t <= cap]
+        records = _records(dataset, milestones[-1]) if milestones else []
+        milestones = [t for t in milestones if t <= len(records)]
+        settings = method_settings(spec)
+        pool = irrelevant_pool(build_config({"irrelevant": dataset.irrelevant})) if dataset.irrelevant else []
+        fingerprint = {
+            "method": spec.kind,
+            "settings": settings.model_dump(mode="json"),
+            "dataset": dataset.model_dump(),
+            "model": qcfg.model.model_dump(),
+        }
+        results_dir = out / "quality" / run.dataset / run.method
+
+        def make(settings=settings, spec=spec, pool=pool):
+            model, tokenizer = load_model(job_cfg)
+            return make_editor(spec.kind, settings, model, tokenizer, pool)
+
+        def evaluate(editor, recs, dataset_name=run.dataset):
+            res = evaluate_records(editor.model, editor.routed, editor.tokens, recs, generate=qcfg.generate)
+            pre_path = out / "quality" / dataset_name / "pre" / f"T{len(recs)}.json"
+            if pre_path.exists():
+                pre = json.loads(pre_path.read_text())
+            else:  # the pre-edit model (the edited layer's main weight alone) is the same for every method
+                pre = evaluate_records(
+                    editor.model, editor.routed, editor.tokens, recs, main_only=True, generate=qcfg.generate
+                )
+                pre = {k: pre[k] for k in ("teacher_forced", "generate") if k in pre}
+                _write_json(pre_path, {"T": len(recs), **pre, **extra})
+            return {"pre": pre, **res}
+
+        logger.info("run %s: milestones %s", run.name, milestones)
+        evaluated[run.name] = sequential_run(
+            make,
+            records,
+            milestones,
+            work / run.dataset / run.method,
+            results_dir,
+            fingerprint=fingerprint,
+            evaluate=evaluate,
+            checkpoint_every=qcfg.checkpoint_every,
+            extra={
+                **extra,
+                "method": run.method,
+                "kind": spec.kind,
+                "dataset": run.dataset,
+                "settings": fingerprint["settings"],
+            },
+        )
+    return evaluated

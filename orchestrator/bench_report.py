@@ -1,0 +1,266 @@
+"""The benchmark report: ``benchmarks/results/REPORT.md`` and its retention-vs-T plots, rendered only from the
+results files that the benchmark commands wrote (``wisestream bench report``). Nothing here measures anything:
+every number in the report is read from a file that records the command that produced it.
+
+Inputs under the results directory:
+- ``quality/<dataset>/<method>/T<t>.json`` and ``quality/<dataset>/pre/T<t>.json``: ``wisestream bench quality``;
+- ``speed.json``: ``wisestream bench speed --out ...``; ``shards.json``: ``wisestream bench shards --out ...``;
+- ``serving.json``: ``wisestream bench serving`` (tokens/s with routing on and off, publish latency); without
+  it the section says it has not been measured.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+METRICS = (
+    ("teacher_forced", "reliability", "Rel"),
+    ("teacher_forced", "generalization", "Gen"),
+    ("teacher_forced", "locality", "Loc"),
+    ("generate", "reliability", "Rel (gen.)"),
+    ("generate", "generalization", "Gen (gen.)"),
+)
+METHOD_ORDER = ("wise-retrieve", "wise-merge", "ft-l", "grace")
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _t_of(path: Path) -> int:
+    return int(path.stem[1:])
+
+
+def collect_quality(results: Path) -> dict[str, dict[str, dict[int, dict]]]:
+    """``{dataset: {method or "pre": {T: result}}}`` from the quality results files."""
+    out: dict[str, dict[str, dict[int, dict]]] = {}
+    for f in sorted((results / "quality").glob("*/*/T*.json")):
+        dataset, method = f.parent.parent.name, f.parent.name
+        out.setdefault(dataset, {}).setdefault(method, {})[_t_of(f)] = json.loads(f.read_text())
+    return out
+
+
+def _value(result: dict, group: str, key: str) -> float | None:
+    return (result.get(group) or {}).get(key)
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def _methods(by_method: dict[str, dict]) -> list[str]:
+    known = [m for m in METHOD_ORDER if m in by_method]
+    return known + sorted(m for m in by_method if m not in known and m != "pre")
+
+
+def quality_table(by_method: dict[str, dict[int, dict]]) -> list[str]:
+    """Markdown rows: one per (method, T), pre-edit rows first."""
+    head = (
+        "| method | T | "
+        + " | ".join(h for _, _, h in METRICS)
+        + " | min(Rel, Gen, Loc) | s/edit | command |"
+    )
+    lines = [head, "|" + " --- |" * (len(METRICS) + 5)]
+    for t, r in sorted(by_method.get("pre", {}).items()):
+        vals = " | ".join(_fmt(_value(r, g, k)) for g, k, _ in METRICS)
+        lines.append(f"| pre-edit model | {t} | {vals} | | | `{r.get('command', '')}` |")
+    for method in _methods(by_method):
+        for t, r in sorted(by_method[method].items()):
+            vals = [_value(r, g, k) for g, k, _ in METRICS]
+            three = [v for v in vals[:3] if v is not None]
+            low = min(three) if len(three) == 3 else None
+            lines.append(
+                f"| {method} | {t} | "
+                + " | ".join(_fmt(v) for v in vals)
+                + f" | {_fmt(low)} | {_fmt(r.get('seconds_per_edit'), 2)} | `{r.get('command', '')}` |"
+            )
+    return lines
+
+
+def plot_retention(dataset: str, by_method: dict[str, dict[int, dict]], path: Path) -> Path:
+    """Retention-vs-T curves, one panel per metric, one line per method (pre-edit dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.4), sharey=True)
+    for ax, (group, key, title) in zip(axes, METRICS, strict=True):
+        for method in [*_methods(by_method), "pre"]:
+            pts = sorted((t, _value(r, group, key)) for t, r in by_method.get(method, {}).items())
+            pts = [(t, v) for t, v in pts if v is not None]
+            if not pts:
+                continue
+            style = {"linestyle": "--", "color": "grey"} if method == "pre" else {"marker": "o"}
+            ax.plot(
+                [t for t, _ in pts],
+                [v for _, v in pts],
+                label="pre-edit" if method == "pre" else method,
+                **style,
+            )
+        ax.set_xscale("log")
+        ax.set_title(title)
+        ax.set_xlabel("T (sequential edits)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"{dataset}: retention over all T edits")
+    axes[-1].legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _machine_line(m: dict | None) -> str:
+    if not m:
+        return "machine not recorded"
+    if "cores" not in m:  # recorded by another benchmark in its own shape
+        return ", ".join(f"{k} {v}" for k, v in m.items())
+    gpu = f", GPU {m['cuda']}" if m.get("cuda") else ", no GPU"
+    return (
+        f"{m.get('cpu') or 'CPU'}, {m.get('cores')} cores ({m.get('torch_threads')} torch threads){gpu}, "
+        f"torch {m.get('torch')}, {m.get('platform')}"
+    )
+
+
+def _status(quality: dict, planned: dict[str, list[int]] | None) -> list[str]:
+    lines = ["| run | milestones done | milestones still to run |", "| --- | --- | --- |"]
+    names = list(planned) if planned else [f"{m}/{d}" for d in quality for m in _methods(quality[d])]
+    for name in names:
+        method, dataset = name.split("/")
+        done = sorted(quality.get(dataset, {}).get(method, {}))
+        left = [t for t in (planned or {}).get(name, []) if t not in done]
+        lines.append(f"| {name} | {', '.join(map(str, done)) or '–'} | {', '.join(map(str, left)) or '–'} |")
+    return lines
+
+
+def _speed_section(results: Path) -> list[str]:
+    lines = ["## Speed", ""]
+    speed = _load(results / "speed.json")
+    if speed:
+        r = speed["result"]
+        lines += [
+            "Seconds per edit of the editing engine against the naive reference that recomputes the full forward "
+            f"pass at each of the {r.get('n_iter')} iterations (same model, {r.get('edits')} edits, same "
+            "hyper-parameters; one run):",
+            "",
+            "| engine s/edit | naive s/edit | ratio | retention metrics equal | command |",
+            "| --- | --- | --- | --- | --- |",
+            f"| {_fmt(r['seconds_per_edit_engine'], 2)} | {_fmt(r['seconds_per_edit_naive'], 2)} | "
+            f"**{_fmt(r['ratio'], 2)}** | {r['metrics_equal']} | `{speed['command']}` |",
+            "",
+            f"Machine: {_machine_line(speed.get('machine'))}.",
+            "",
+        ]
+    else:
+        lines += [
+            "Not measured yet: run `wisestream bench speed --edits 3 --out benchmarks/results/speed.json`.",
+            "",
+        ]
+    shards = _load(results / "shards.json")
+    if shards:
+        r = shards["result"]
+        lines += [
+            f"Edits per second for editor actors x shards per actor on Ray ({r['edits']} edits per layout, "
+            "final states compared with the first layout's):",
+            "",
+            "| layout | edits/s | s/edit | speedup | max state difference | command |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for name, v in r["layouts"].items():
+            diff = r["max_state_diff"].get(name)
+            lines.append(
+                f"| {v['editors']} x {v['shards_per_editor']} | {_fmt(v['edits_per_second'])} | "
+                f"{_fmt(v['seconds_per_edit'], 1)} | {_fmt(r.get(f'speedup_{name}', 1.0), 2)} | "
+                f"{'' if diff is None else f'{diff:.1e}'} | `{shards['command']}` |"
+            )
+        lines += ["", f"Machine: {_machine_line(shards.get('machine'))}.", ""]
+    else:
+        lines += [
+            "Edits/s per layout not measured yet: run `wisestream bench shards --out "
+            "benchmarks/results/shards.json`.",
+            "",
+        ]
+    lines += ["## Serving", ""]
+    serving = _load(results / "serving.json")
+    if serving:
+        command = (
+            serving.get("command") or "wisestream bench serving (the file does not record its arguments)"
+        )
+        lines += [
+            f"vLLM serving pool: {serving.get('replicas')} replicas of {serving.get('model')}, serving the state "
+            f"of `{serving.get('source')}` ({serving.get('memories')} side memories, {serving.get('edits')} "
+            f"edits). Command: `{command}`.",
+            "",
+            "| measurement | value |",
+            "| --- | --- |",
+        ]
+        for name, row in (serving.get("throughput") or {}).items():
+            lines.append(
+                f"| served tokens/s, {name.replace('_', ' ')} ({row.get('requests')} requests) | "
+                f"{_fmt(row.get('tokens_per_second'), 1)} |"
+            )
+        if serving.get("routing_tokens_per_second_ratio") is not None:
+            lines.append(
+                f"| tokens/s ratio routed / main only | {_fmt(serving['routing_tokens_per_second_ratio'], 2)} |"
+            )
+        for name, row in (serving.get("publish") or {}).items():
+            lines.append(
+                f"| publish latency, {name.replace('_', ' ')} ({row.get('bytes', 0) / 2**20:.2f} MiB) | "
+                f"{row.get('seconds', float('nan')) * 1000:.0f} ms |"
+            )
+        lines += ["", f"Machine: {_machine_line(serving.get('machine'))}.", ""]
+    else:
+        lines += [
+            "**Not measured yet.** Serving tokens/s with and without routing and the publish latency come from "
+            "`wisestream bench serving`, which writes `serving.json` here; no number is given until it exists.",
+            "",
+        ]
+    return lines
+
+
+def render_report(results: str | Path, planned: dict[str, list[int]] | None = None) -> Path:
+    """Write ``REPORT.md`` and the ``retention_<dataset>.png`` plots under ``results``; returns the report path.
+
+    Args:
+        results: the results directory.
+        planned: milestones each run ``method/dataset`` is configured to reach (for the status table).
+    """
+    results = Path(results)
+    quality = collect_quality(results)
+    machines = [r.get("machine") for d in quality.values() for m in d.values() for r in m.values()]
+    lines = [
+        "# wisestream benchmark report",
+        "",
+        "Generated by `wisestream bench report` from the results files in this directory; every number below "
+        "names the command that produced it. Runs are resumable: rerunning a command continues it.",
+        "",
+        f"Machine (quality runs): {_machine_line(next((m for m in machines if m), None))}.",
+        "",
+        "## Status",
+        "",
+        *_status(quality, planned),
+        "",
+        "## Quality: sequential editing, retention over all T edits",
+        "",
+        "Model: SmolLM2-135M-Instruct (fp32), edited layer 23 (`mlp.down_proj`) for every method. Metrics as in "
+        "the literature (`../../data/README.md` is the project's copy of the definitions): Rel / Gen are the "
+        "teacher-forced token accuracy of the target after the edit prompt / its rephrase, Loc the fraction of "
+        "the locality answer's tokens whose argmax is unchanged from the pre-edit model; the (gen.) columns ask "
+        "whether the greedy continuation contains the target. Each T is measured on the state after the "
+        "first T edits of one sequential run, which equals an independent T-edit run (tested).",
+        "",
+    ]
+    for dataset in sorted(quality):
+        png = plot_retention(dataset, quality[dataset], results / f"retention_{dataset}.png")
+        lines += [f"### {dataset}", "", *quality_table(quality[dataset]), "", f"![{dataset}]({png.name})", ""]
+    lines += _speed_section(results)
+    path = results / "REPORT.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

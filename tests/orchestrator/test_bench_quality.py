@@ -1,0 +1,159 @@
+"""The quality benchmark: milestones of one sequential run equal independent runs, runs resume without
+recomputing, the shipped config is valid, and (real model) the smoke size runs end to end."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from orchestrator.bench_quality import (
+    load_quality_config,
+    method_settings,
+    milestone_path,
+    sequential_run,
+)
+from wise.config import WiseConfig
+from wise.editor import WiseEditor
+from wise.evaluate import evaluate_records
+from wise.state import read_state
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _wise_cfg():
+    return WiseConfig.model_validate(
+        dict(
+            layer=2,
+            n_iter=6,
+            templates={"count": 1, "length": 3},
+            n_irrelevant=2,
+            save_freq=2,
+            merge_freq=2,
+            retrieve=True,
+            margins={"alpha": 0.5, "beta": 2.0, "gamma": 1.0, "scale": "auto"},
+        )
+    )
+
+
+def _evaluate(editor, recs):
+    res = evaluate_records(editor.model, editor.routed, editor.tokens, recs, generate=False)
+    return {"teacher_forced": res["teacher_forced"], "per_edit": res["per_edit"]}
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def _runner(tiny_model, tiny_tokenizer, pool, calls, crash_at=None):
+    import copy
+
+    def make():
+        calls.append("make")
+        ed = WiseEditor(copy.deepcopy(tiny_model), tiny_tokenizer, _wise_cfg(), irrelevant=pool)
+        apply = ed.apply
+
+        def counted(recs):
+            if crash_at is not None and ed.n_edits >= crash_at:
+                raise _Crash("simulated crash")
+            calls.append(len(recs))
+            return apply(recs)
+
+        ed.apply = counted
+        return ed
+
+    return make
+
+
+def _run(make, edits, milestones, work, results, fingerprint=None, every=1):
+    return sequential_run(
+        make,
+        edits,
+        milestones,
+        work,
+        results,
+        fingerprint=fingerprint or {"test": 1},
+        evaluate=_evaluate,
+        checkpoint_every=every,
+    )
+
+
+def _states_equal(a: Path, b: Path) -> bool:
+    (ta, ma), (tb, mb) = read_state(a), read_state(b)
+    return ma == mb and ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_milestones_equal_independent_runs_and_resume_never_recomputes(
+    tiny_model, tiny_tokenizer, edits, pool, tmp_path
+):
+    w, r = tmp_path / "w", tmp_path / "r"
+    # one sequential run with milestones 1 and 3, interrupted after its first 2 edits, then resumed
+    calls: list = []
+    with pytest.raises(_Crash):
+        _run(_runner(tiny_model, tiny_tokenizer, pool, calls, crash_at=2), edits, [1, 3], w, r)
+    assert milestone_path(r, 1).exists() and not milestone_path(r, 3).exists()
+    calls.clear()
+    done = _run(_runner(tiny_model, tiny_tokenizer, pool, calls), edits, [1, 3], w, r)
+    assert done == [3] and calls == ["make", 1]  # resumed at 2 edits: only the third is applied
+    # independent runs of exactly 1 and exactly 3 edits
+    for t in (1, 3):
+        _run(
+            _runner(tiny_model, tiny_tokenizer, pool, []),
+            edits,
+            [t],
+            tmp_path / f"w{t}",
+            tmp_path / f"r{t}",
+            every=10,
+        )
+        seq = json.loads(milestone_path(r, t).read_text())
+        alone = json.loads(milestone_path(tmp_path / f"r{t}", t).read_text())
+        assert seq["per_edit"] == alone["per_edit"] and seq["teacher_forced"] == alone["teacher_forced"]
+    assert _states_equal(w / "state", tmp_path / "w3" / "state")
+    # T=3 ends inside a 2-edit shard: the partial shard holds the third edit and is routed, as in the job
+    (_, meta) = read_state(tmp_path / "w3" / "state")
+    assert meta["active"]["edit_ids"] == ["e2"]
+    # everything finished: the same call loads no model and applies nothing
+    calls.clear()
+    assert _run(_runner(tiny_model, tiny_tokenizer, pool, calls), edits, [1, 3], w, r) == [] and calls == []
+    # a state written with other settings is refused
+    from orchestrator.config import ConfigError
+
+    milestone_path(r, 3).unlink()
+    with pytest.raises(ConfigError, match="other settings"):
+        _run(_runner(tiny_model, tiny_tokenizer, pool, []), edits, [1, 3], w, r, fingerprint={"test": 2})
+
+
+def test_shipped_benchmark_config_is_valid():
+    path = ROOT / "configs" / "bench" / "quality.yaml"
+    assert path.read_text().startswith("# wisestream bench quality")
+    cfg = load_quality_config(path)
+    kinds = {m.kind for m in cfg.methods.values()}
+    assert kinds == {"wise", "ft-l", "grace"}
+    for spec in cfg.methods.values():
+        method_settings(spec)
+    for d in cfg.datasets.values():
+        assert (ROOT / d.path).exists() and (ROOT / d.irrelevant["path"]).exists()
+    runs = {r.name: r.max_t for r in cfg.runs}
+    assert runs["wise-retrieve/zsre"] == 1000 and all(t >= 100 for t in runs.values()) and len(runs) == 8
+    assert method_settings(cfg.methods["wise-merge"]).retrieve is False
+    smoke = load_quality_config(path, smoke=True)
+    assert smoke.milestones == (1, 2) and all(r.max_t == 2 for r in smoke.runs)
+
+
+@pytest.mark.model
+def test_smoke_benchmark_runs_end_to_end(tmp_path):
+    from orchestrator.cli import main
+
+    out = tmp_path / "results"
+    assert main(["bench", "quality", "--smoke", "--out", str(out)]) == 0
+    report = (out / "REPORT.md").read_text()
+    for dataset in ("zsre", "counterfact"):
+        assert (out / f"retention_{dataset}.png").stat().st_size > 10_000
+        for method in ("wise-retrieve", "wise-merge", "ft-l", "grace"):
+            assert f"| {method} | 2 |" in report
+            r = json.loads((out / "quality" / dataset / method / "T2.json").read_text())
+            assert r["T"] == 2 and r["command"].startswith("wisestream bench quality --smoke")
+            tf, pre = r["teacher_forced"], r["pre"]["teacher_forced"]
+            assert tf["reliability"] > pre["reliability"], (dataset, method, tf, pre)
+            assert 0.0 <= tf["locality"] <= 1.0 and r["seconds_per_edit"] > 0
+    assert "## Serving" in report and "## Speed" in report
