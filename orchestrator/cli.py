@@ -32,7 +32,43 @@ def _bench_speed(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, list(args.set or []))
     result = speed_benchmark(cfg, n_edits=args.edits)
+    _save_result(args.out, result)
     sys.stdout.write(json.dumps(result) + "\n")
+    return 0
+
+
+def _save_result(out: str | None, result: dict) -> None:
+    """Write a benchmark result with the command and machine, for the report (``--out``)."""
+    if out:
+        from orchestrator.bench_quality import invoked_command, machine
+
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        record = {"command": invoked_command(), "machine": machine(), "result": result}
+        Path(out).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def _bench_quality(args: argparse.Namespace) -> int:
+    from orchestrator.bench_quality import load_quality_config, quality_benchmark
+    from orchestrator.bench_report import render_report
+
+    qcfg = load_quality_config(args.config, smoke=args.smoke)
+    if args.out:
+        qcfg = qcfg.model_copy(update={"output": args.out, "work": str(Path(args.out) / "work")})
+    only = [r for r in (args.runs or "").split(",") if r]
+    done = quality_benchmark(qcfg, only=only, max_t=args.max_t)
+    planned = {r.name: [t for t in qcfg.milestones if t <= r.max_t] for r in qcfg.runs}
+    report = render_report(qcfg.output, planned)
+    sys.stdout.write(json.dumps({"evaluated": done, "report": str(report)}) + "\n")
+    return 0
+
+
+def _bench_report(args: argparse.Namespace) -> int:
+    from orchestrator.bench_quality import load_quality_config
+    from orchestrator.bench_report import render_report
+
+    qcfg = load_quality_config(args.config)
+    planned = {r.name: [t for t in qcfg.milestones if t <= r.max_t] for r in qcfg.runs}
+    sys.stdout.write(f"{render_report(args.results or qcfg.output, planned)}\n")
     return 0
 
 
@@ -49,7 +85,9 @@ def _bench_shards(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, list(args.set or []))
     layouts = tuple(tuple(int(x) for x in item.split("x")) for item in args.layouts.split(","))
-    sys.stdout.write(json.dumps(shards_benchmark(cfg, args.edits, layouts)) + "\n")
+    result = shards_benchmark(cfg, args.edits, layouts)
+    _save_result(args.out, result)
+    sys.stdout.write(json.dumps(result) + "\n")
     return 0
 
 
@@ -141,7 +179,22 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--edits", type=int, default=3, help="edits timed on each side (default 3)")
     speed.add_argument("--config", type=Path, default=Path("configs/default.yaml"))
     speed.add_argument("--set", action="append", metavar="KEY=VALUE")
+    speed.add_argument("--out", help="also write the result (with command and machine) to this JSON file")
     speed.set_defaults(func=_bench_speed)
+    quality = bench_sub.add_parser(
+        "quality",
+        help="retention vs T for WISE and baselines on ZsRE/CounterFact (resumable), then the report",
+    )
+    quality.add_argument("--config", type=Path, default=Path("configs/bench/quality.yaml"))
+    quality.add_argument("--runs", help="only these runs, METHOD/DATASET,... (default: all configured)")
+    quality.add_argument("--max-t", type=int, help="cap every run's T (e.g. 100 before the long runs)")
+    quality.add_argument("--smoke", action="store_true", help="CI size: T=1,2, few steps, benchmarks/smoke/")
+    quality.add_argument("--out", help="results directory (default: the config's output)")
+    quality.set_defaults(func=_bench_quality)
+    report = bench_sub.add_parser("report", help="render REPORT.md and plots from the results files")
+    report.add_argument("--config", type=Path, default=Path("configs/bench/quality.yaml"))
+    report.add_argument("--results", help="results directory (default: the config's output)")
+    report.set_defaults(func=_bench_report)
     layers = bench_sub.add_parser(
         "layers", help="which layer's activations separate edits from unrelated prompts"
     )
@@ -156,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("--layouts", default="1x1,1x4,2x1", help="EDITORSxSHARDS,... (first is the baseline)")
     shards.add_argument("--config", type=Path, default=Path("configs/default.yaml"))
     shards.add_argument("--set", action="append", metavar="KEY=VALUE")
+    shards.add_argument("--out", help="also write the result (with command and machine) to this JSON file")
     shards.set_defaults(func=_bench_shards)
     produce = sub.add_parser(
         "produce", help="push an edit file into a Kafka topic (canonical JSON, keyed by id)"
