@@ -249,8 +249,7 @@ def sequential_run(
     if progress is not None and progress["fingerprint"] != fingerprint:
         raise ConfigError(f"{work_dir} holds a run with other settings: delete it to start over")
     editor = make()
-    editor.prepare()
-    if progress is not None:
+    if progress is not None:  # loading first: the state holds templates and margins, prepare() then skips them
         editor.load(work_dir / "state")
         if editor.n_edits != progress["applied"]:
             raise ConfigError(
@@ -259,6 +258,7 @@ def sequential_run(
         logger.info("resuming %s at %d edits", work_dir, editor.n_edits)
     else:
         progress = {"fingerprint": fingerprint, "applied": 0, "edit_seconds": 0.0, "steps": []}
+    editor.prepare()  # one-time setup outside the timed edits
     done = []
     for t in todo:
         if editor.n_edits > t:
