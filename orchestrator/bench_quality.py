@@ -318,9 +318,9 @@ def machine() -> dict[str, Any]:
     }
 
 
-def invoked_command() -> str:
-    """The command line as a user types it (``wisestream ...``)."""
-    args = sys.argv[1:]
+def invoked_command(argv: Sequence[str] | None = None) -> str:
+    """The command line as a user types it (``wisestream ...``), from ``argv`` (default: this process's)."""
+    args = sys.argv[1:] if argv is None else argv
     return "wisestream " + " ".join(shlex.quote(a) for a in args)
 
 

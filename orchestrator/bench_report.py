@@ -82,6 +82,26 @@ def quality_table(by_method: dict[str, dict[int, dict]]) -> list[str]:
     return lines
 
 
+def headline_table(quality: dict[str, dict[str, dict[int, dict]]]) -> list[str]:
+    """Per dataset, the largest T that every method has reached: one row per method (the README quotes it)."""
+    lines = [
+        "| dataset | T | method | " + " | ".join(h for _, _, h in METRICS) + " | s/edit |",
+        "|" + " --- |" * (len(METRICS) + 4),
+    ]
+    for dataset in sorted(quality):
+        methods = _methods(quality[dataset])
+        common = set.intersection(*(set(quality[dataset][m]) for m in methods)) if methods else set()
+        if not common:
+            continue
+        t = max(common)
+        pre = quality[dataset].get("pre", {}).get(t)
+        rows = [("pre-edit", pre)] if pre else []
+        for method, r in [*rows, *((m, quality[dataset][m][t]) for m in methods)]:
+            vals = " | ".join(_fmt(_value(r, g, k)) for g, k, _ in METRICS)
+            lines.append(f"| {dataset} | {t} | {method} | {vals} | {_fmt(r.get('seconds_per_edit'), 2)} |")
+    return lines
+
+
 def plot_retention(dataset: str, by_method: dict[str, dict[int, dict]], path: Path) -> Path:
     """Retention-vs-T curves, one panel per metric, one line per method (pre-edit dashed)."""
     import matplotlib
@@ -247,6 +267,10 @@ def render_report(results: str | Path, planned: dict[str, list[int]] | None = No
         "",
         *_status(quality, planned),
         "",
+        "## Headline: the largest T every method has reached",
+        "",
+        *headline_table(quality),
+        "",
         "## Quality: sequential editing, retention over all T edits",
         "",
         "Model: SmolLM2-135M-Instruct (fp32), edited layer 23 (`mlp.down_proj`) for every method. Metrics as in "
@@ -254,7 +278,9 @@ def render_report(results: str | Path, planned: dict[str, list[int]] | None = No
         "teacher-forced token accuracy of the target after the edit prompt / its rephrase, Loc the fraction of "
         "the locality answer's tokens whose argmax is unchanged from the pre-edit model; the (gen.) columns ask "
         "whether the greedy continuation contains the target. Each T is measured on the state after the "
-        "first T edits of one sequential run, which equals an independent T-edit run (tested).",
+        "first T edits of one sequential run, which equals an independent T-edit run (tested). s/edit is the "
+        "wall-clock editing time per edit averaged over the run's first T edits, on 2 CPU cores shared with other "
+        "work (other engineers' test suites ran at the same time): read it as rough.",
         "",
     ]
     for dataset in sorted(quality):

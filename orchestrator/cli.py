@@ -32,30 +32,30 @@ def _bench_speed(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, list(args.set or []))
     result = speed_benchmark(cfg, n_edits=args.edits)
-    _save_result(args.out, result)
+    _save_result(args, result)
     sys.stdout.write(json.dumps(result) + "\n")
     return 0
 
 
-def _save_result(out: str | None, result: dict) -> None:
+def _save_result(args: argparse.Namespace, result: dict) -> None:
     """Write a benchmark result with the command and machine, for the report (``--out``)."""
-    if out:
+    if args.out:
         from orchestrator.bench_quality import invoked_command, machine
 
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        record = {"command": invoked_command(), "machine": machine(), "result": result}
-        Path(out).write_text(json.dumps(record, indent=1) + "\n")
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        record = {"command": invoked_command(args.argv), "machine": machine(), "result": result}
+        Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
 
 
 def _bench_quality(args: argparse.Namespace) -> int:
-    from orchestrator.bench_quality import load_quality_config, quality_benchmark
+    from orchestrator.bench_quality import invoked_command, load_quality_config, quality_benchmark
     from orchestrator.bench_report import render_report
 
     qcfg = load_quality_config(args.config, smoke=args.smoke)
     if args.out:
         qcfg = qcfg.model_copy(update={"output": args.out, "work": str(Path(args.out) / "work")})
     only = [r for r in (args.runs or "").split(",") if r]
-    done = quality_benchmark(qcfg, only=only, max_t=args.max_t)
+    done = quality_benchmark(qcfg, only=only, max_t=args.max_t, command=invoked_command(args.argv))
     planned = {r.name: [t for t in qcfg.milestones if t <= r.max_t] for r in qcfg.runs}
     report = render_report(qcfg.output, planned)
     sys.stdout.write(json.dumps({"evaluated": done, "report": str(report)}) + "\n")
@@ -86,7 +86,7 @@ def _bench_shards(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, list(args.set or []))
     layouts = tuple(tuple(int(x) for x in item.split("x")) for item in args.layouts.split(","))
     result = shards_benchmark(cfg, args.edits, layouts)
-    _save_result(args.out, result)
+    _save_result(args, result)
     sys.stdout.write(json.dumps(result) + "\n")
     return 0
 
@@ -264,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by benchmarks with their results
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
