@@ -13,6 +13,7 @@ command again continues from the last checkpoint and never recomputes a finished
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -244,12 +245,26 @@ def sequential_run(
     todo = [t for t in milestones if not milestone_path(results_dir, t).exists()]
     if not todo:
         return []
+    work_dir.mkdir(parents=True, exist_ok=True)
+    with open(work_dir / ".lock", "w") as lock:
+        try:  # one process per run: a second command on the same run stops instead of corrupting its state
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"{work_dir} is being run by another process") from None
+        return _run_locked(
+            make, records, todo, work_dir, results_dir, fingerprint, evaluate, checkpoint_every, extra
+        )
+
+
+def _run_locked(make, records, todo, work_dir, results_dir, fingerprint, evaluate, checkpoint_every, extra):
     progress_path = work_dir / "progress.json"
     progress = json.loads(progress_path.read_text()) if progress_path.exists() else None
     if progress is not None and progress["fingerprint"] != fingerprint:
         raise ConfigError(f"{work_dir} holds a run with other settings: delete it to start over")
     editor = make()
-    if progress is not None:  # loading first: the state holds templates and margins, prepare() then skips them
+    if (
+        progress is not None
+    ):  # loading first: the state holds templates and margins, prepare() then skips them
         editor.load(work_dir / "state")
         if editor.n_edits != progress["applied"]:
             raise ConfigError(

@@ -119,6 +119,13 @@ def test_milestones_equal_independent_runs_and_resume_never_recomputes(
     from orchestrator.config import ConfigError
 
     milestone_path(r, 3).unlink()
+    # and a run another process holds is left alone
+    import fcntl
+
+    with open(w / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ConfigError, match="another process"):
+            _run(_runner(tiny_model, tiny_tokenizer, pool, []), edits, [1, 3], w, r)
     with pytest.raises(ConfigError, match="other settings"):
         _run(_runner(tiny_model, tiny_tokenizer, pool, []), edits, [1, 3], w, r, fingerprint={"test": 2})
 
