@@ -184,10 +184,17 @@ class PublishConfig(_Frozen):
 
     replicas: int = Field(0, ge=0, description="serving replicas (Ray actors running vLLM); 0: no serving")
     every: int = Field(
-        0, ge=0, description="also publish after this many newly stored edits (0: after merges and at the end)"
+        0,
+        ge=0,
+        description="also publish after this many newly stored edits (0: after merges and at the end)",
     )
     host: str = Field("127.0.0.1", description="address the replicas' OpenAI servers bind")
-    port: int = Field(0, ge=0, le=65535, description="replicas take the first free port from here on their node (port, port + 1, ...); 0: free ports")
+    port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="replicas take the first free port from here on their node (port, port + 1, ...); 0: free ports",
+    )
     api_key_env: str | None = Field(
         None, description="environment variable holding the API key (required when host is not loopback)"
     )
