@@ -109,8 +109,9 @@ def plot_retention(dataset: str, by_method: dict[str, dict[int, dict]], path: Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.4), sharey=True)
-    for ax, (group, key, title) in zip(axes, METRICS, strict=True):
+    fig, grid = plt.subplots(2, 3, figsize=(12, 6.8), sharey=True)
+    axes = list(grid.flat)
+    for ax, (group, key, title) in zip(axes, METRICS, strict=False):
         for method in [*_methods(by_method), "pre"]:
             pts = sorted((t, _value(r, group, key)) for t, r in by_method.get(method, {}).items())
             pts = [(t, v) for t, v in pts if v is not None]
@@ -128,8 +129,11 @@ def plot_retention(dataset: str, by_method: dict[str, dict[int, dict]], path: Pa
         ax.set_xlabel("T (sequential edits)")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"{dataset}: retention over all T edits")
-    axes[-1].legend(loc="best", fontsize=8)
+    grid[0, 0].set_ylabel(f"{dataset}: retention over all T edits")
+    grid[1, 0].set_ylabel("free generation")
+    handles, labels = axes[0].get_legend_handles_labels()
+    axes[-1].axis("off")  # the sixth panel holds the legend
+    axes[-1].legend(handles, labels, loc="center", title=dataset)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
