@@ -40,10 +40,10 @@ prometheus:
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null \
 		|| { $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; }
 
-test: install
+test: install prometheus
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-test-all: install
+test-all: install prometheus
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
