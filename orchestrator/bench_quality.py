@@ -321,8 +321,8 @@ def machine() -> dict[str, Any]:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    except OSError:
-        pass
+    except OSError as err:  # not Linux: the platform's processor name stays
+        logger.debug("no /proc/cpuinfo: %s", err)
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
