@@ -15,9 +15,12 @@ only the memories it does not hold yet.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ipaddress
+import json
 import logging
 import os
+import secrets
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -93,8 +96,6 @@ class ReplicaSpec:
             "wise_reduce": self.reduce,
             "wise_capacity": self.capacity,
         }
-        import json
-
         args = [
             "--model", self.model,
             "--served-model-name", self.served_name,
@@ -136,15 +137,10 @@ class _GuardAll:
     """ASGI middleware: with an API key, every path but the open ones needs ``Authorization: Bearer KEY``."""
 
     def __init__(self, app, key: str) -> None:
-        import hashlib
-
         self.app = app
         self._digest = hashlib.sha256(key.encode()).digest()
 
     async def __call__(self, scope, receive, send) -> None:
-        import hashlib
-        import secrets
-
         if scope["type"] == "http" and scope.get("method") != "OPTIONS" and scope["path"] not in OPEN_PATHS:
             auth = dict(scope.get("headers") or []).get(b"authorization", b"").decode(errors="replace")
             scheme, _, token = auth.partition(" ")

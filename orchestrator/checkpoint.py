@@ -121,13 +121,7 @@ class CheckpointStore:
         return name
 
     def read_memory(self, name: str) -> Memory:
-        path = self.dir / MEMORIES / name
-        if not path.is_file():
-            raise CheckpointError(f"{path} is referenced by the checkpoint but missing")
-        with safe_open(str(path), framework="pt") as fh:
-            meta = json.loads(fh.metadata()["meta"])
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open has no __iter__
-        return Memory.from_state(tensors, "delta", meta)
+        return read_memory_file(self.dir / MEMORIES / name)
 
     # ------------------------------------------------------------------ commit / load
     def commit(self, state: dict[str, Any]) -> None:
@@ -177,6 +171,20 @@ class CheckpointStore:
         if self._journal is not None:
             self._journal.close()
             self._journal = None
+
+
+def read_memory_file(path: Path) -> Memory:
+    """A memory written by :meth:`CheckpointStore.write_memory` (also read by ``wisestream serve``).
+
+    Raises:
+        CheckpointError: the file is missing.
+    """
+    if not path.is_file():
+        raise CheckpointError(f"{path} is referenced by the checkpoint but missing")
+    with safe_open(str(path), framework="pt") as fh:
+        meta = json.loads(fh.metadata()["meta"])
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    return Memory.from_state(tensors, "delta", meta)
 
 
 def _names(state: dict[str, Any]) -> list[str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.serving import ReplicaSpec, ServingError, ServingPool
-from orchestrator.checkpoint import MEMORIES
+from orchestrator.checkpoint import MEMORIES, CheckpointError, read_memory_file
 from orchestrator.config import PublishConfig
 from orchestrator.model_store import resolve_model_path
 from wise.config import WiseConfig
@@ -163,7 +163,10 @@ def load_source(path: str | Path) -> tuple[ServingSnapshot, str | None, WiseConf
         job = ckpt.get("job") or {}
         wise = WiseConfig.model_validate(job["wise"])
         names = [*ckpt["bank"]["merged"], *ckpt["bank"]["pending"]]
-        mems = [_read_memory(path / MEMORIES / n) for n in names]
+        try:
+            mems = [read_memory_file(path / MEMORIES / n) for n in names]
+        except CheckpointError as err:
+            raise ServeError(str(err)) from err
         module_path = _module_path(wise)
         try:
             snap = ServingSnapshot.from_memories(module_path, wise.router_reduce, mems)
@@ -191,17 +194,6 @@ def load_source(path: str | Path) -> tuple[ServingSnapshot, str | None, WiseConf
 def _module_path(wise: WiseConfig) -> str:
     # the serving architectures are Llama-family (actors/vllm_model.py): decoder layers under model.layers
     return f"model.layers.{wise.layer}.{wise.module or 'mlp.down_proj'}"
-
-
-def _read_memory(path: Path) -> Memory:
-    from safetensors import safe_open
-
-    if not path.is_file():
-        raise ServeError(f"{path} is referenced by the checkpoint but missing")
-    with safe_open(str(path), framework="pt") as fh:
-        meta = json.loads(fh.metadata()["meta"])
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
-    return Memory.from_state(tensors, "delta", meta)
 
 
 def serve(
