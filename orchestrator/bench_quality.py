@@ -345,6 +345,38 @@ def _records(spec: DatasetSpec, n: int) -> list:
     return [r for _, r in EditStream(open_source(spec.path, spec.format), max_records=n)]
 
 
+def plan_run(qcfg: QualityConfig, run: RunSpec, max_t: int | None = None) -> tuple[list[int], list]:
+    """The milestones one run evaluates and the records it edits, in stream order.
+
+    The milestones are the configured ones up to the run's ``max_t`` (capped by ``max_t``). A dataset with
+    fewer valid edits than the largest of them (records the stream rejects, e.g. a blank target, are not
+    edits) ends at its last valid edit instead: that T is every edit the dataset has, and is said so.
+    """
+    cap = min(run.max_t, max_t or run.max_t)
+    wanted = [t for t in qcfg.milestones if t <= cap]
+    if not wanted:
+        return [], []
+    records = _records(qcfg.datasets[run.dataset], wanted[-1])
+    milestones = [t for t in wanted if t <= len(records)]
+    if len(records) < wanted[-1]:
+        logger.warning(
+            "run %s: dataset %s has %d valid edits, fewer than T=%d: its last milestone is T=%d, all of them",
+            run.name,
+            run.dataset,
+            len(records),
+            wanted[-1],
+            len(records),
+        )
+        if records and (not milestones or milestones[-1] < len(records)):
+            milestones.append(len(records))
+    return milestones, records
+
+
+def planned_milestones(qcfg: QualityConfig) -> dict[str, list[int]]:
+    """Milestones each configured run ``method/dataset`` is to reach (for the report's status table)."""
+    return {run.name: plan_run(qcfg, run)[0] for run in qcfg.runs}
+
+
 def quality_benchmark(
     qcfg: QualityConfig, only: Sequence[str] = (), max_t: int | None = None, command: str | None = None
 ) -> dict[str, list[int]]:
@@ -373,11 +405,8 @@ def quality_benchmark(
     for run in qcfg.runs:
         if only and run.name not in only:
             continue
-        cap = min(run.max_t, max_t or run.max_t)
         dataset, spec = qcfg.datasets[run.dataset], qcfg.methods[run.method]
-        milestones = [t for t in qcfg.milestones if t <= cap]
-        records = _records(dataset, milestones[-1]) if milestones else []
-        milestones = [t for t in milestones if t <= len(records)]
+        milestones, records = plan_run(qcfg, run, max_t)
         settings = method_settings(spec)
         pool = irrelevant_pool(build_config({"irrelevant": dataset.irrelevant})) if dataset.irrelevant else []
         fingerprint = {

@@ -48,7 +48,12 @@ def _save_result(args: argparse.Namespace, result: dict) -> None:
 
 
 def _bench_quality(args: argparse.Namespace) -> int:
-    from orchestrator.bench_quality import invoked_command, load_quality_config, quality_benchmark
+    from orchestrator.bench_quality import (
+        invoked_command,
+        load_quality_config,
+        planned_milestones,
+        quality_benchmark,
+    )
     from orchestrator.bench_report import render_report
 
     qcfg = load_quality_config(args.config, smoke=args.smoke)
@@ -56,18 +61,18 @@ def _bench_quality(args: argparse.Namespace) -> int:
         qcfg = qcfg.model_copy(update={"output": args.out, "work": str(Path(args.out) / "work")})
     only = [r for r in (args.runs or "").split(",") if r]
     done = quality_benchmark(qcfg, only=only, max_t=args.max_t, command=invoked_command(args.argv))
-    planned = {r.name: [t for t in qcfg.milestones if t <= r.max_t] for r in qcfg.runs}
+    planned = planned_milestones(qcfg)
     report = render_report(qcfg.output, planned)
     sys.stdout.write(json.dumps({"evaluated": done, "report": str(report)}) + "\n")
     return 0
 
 
 def _bench_report(args: argparse.Namespace) -> int:
-    from orchestrator.bench_quality import load_quality_config
+    from orchestrator.bench_quality import load_quality_config, planned_milestones
     from orchestrator.bench_report import render_report
 
     qcfg = load_quality_config(args.config)
-    planned = {r.name: [t for t in qcfg.milestones if t <= r.max_t] for r in qcfg.runs}
+    planned = planned_milestones(qcfg)
     sys.stdout.write(f"{render_report(args.results or qcfg.output, planned)}\n")
     return 0
 

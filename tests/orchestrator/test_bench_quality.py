@@ -11,6 +11,8 @@ from orchestrator.bench_quality import (
     load_quality_config,
     method_settings,
     milestone_path,
+    plan_run,
+    planned_milestones,
     sequential_run,
 )
 from wise.config import WiseConfig
@@ -145,6 +147,36 @@ def test_shipped_benchmark_config_is_valid():
     assert method_settings(cfg.methods["wise-merge"]).retrieve is False
     smoke = load_quality_config(path, smoke=True)
     assert smoke.milestones == (1, 2) and all(r.max_t == 2 for r in smoke.runs)
+
+
+def test_a_dataset_shorter_than_a_milestone_ends_at_its_last_valid_edit(tmp_path):
+    rec = {
+        "src": "Q{i}?",
+        "rephrase": "Q{i} again?",
+        "alt": "A{i}",
+        "loc": "nq question: L{i}",
+        "loc_ans": "B",
+    }
+    records = [{k: v.format(i=i) for k, v in rec.items()} for i in range(4)]
+    records[1]["alt"] = " "  # rejected by the stream: not an edit
+    data = tmp_path / "edits.json"
+    data.write_text(json.dumps(records))
+    cfg = load_quality_config(ROOT / "configs" / "bench" / "quality.yaml").model_copy(
+        update={"milestones": (1, 2, 10)}
+    )
+    cfg = cfg.model_copy(
+        update={
+            "datasets": {**cfg.datasets, "zsre": cfg.datasets["zsre"].model_copy(update={"path": str(data)})}
+        }
+    )
+    run = next(r for r in cfg.runs if r.name == "wise-merge/zsre")
+    milestones, edits = plan_run(cfg, run)
+    assert milestones == [1, 2, 3] and [e.target for e in edits] == ["A0", "A2", "A3"]
+    assert plan_run(cfg, run, max_t=2)[0] == [1, 2]  # a cap within the dataset is kept as is
+    # the shipped ZsRE file has two records with a blank target: its long run ends at its 998 valid edits
+    shipped = planned_milestones(load_quality_config(ROOT / "configs" / "bench" / "quality.yaml"))
+    assert shipped["wise-retrieve/zsre"] == [1, 10, 100, 998]
+    assert all(m == [1, 10, 100] for name, m in shipped.items() if name != "wise-retrieve/zsre")
 
 
 @pytest.mark.model
