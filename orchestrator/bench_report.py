@@ -5,7 +5,7 @@ every number in the report is read from a file that records the command that pro
 Inputs under the results directory:
 - ``quality/<dataset>/<method>/T<t>.json`` and ``quality/<dataset>/pre/T<t>.json``: ``wisestream bench quality``;
 - ``speed.json``: ``wisestream bench speed --out ...``; ``shards.json``: ``wisestream bench shards --out ...``;
-- ``serving.json``: ``wisestream bench serving`` (tokens/s with routing on and off, publish latency); without
+- ``serving.json``: ``wisestream bench serving --out ...`` (tokens/s with routing on and off, publish latency); without
   it the section says it has not been measured.
 """
 
@@ -218,15 +218,13 @@ def _speed_section(results: Path) -> list[str]:
             "",
         ]
     lines += ["## Serving", ""]
-    serving = _load(results / "serving.json")
-    if serving:
-        command = (
-            serving.get("command") or "wisestream bench serving (the file does not record its arguments)"
-        )
+    record = _load(results / "serving.json")
+    if record:
+        serving = record["result"]
         lines += [
             f"vLLM serving pool: {serving.get('replicas')} replicas of {serving.get('model')}, serving the state "
             f"of `{serving.get('source')}` ({serving.get('memories')} side memories, {serving.get('edits')} "
-            f"edits). Command: `{command}`.",
+            f"edits). Command: `{record['command']}`.",
             "",
             "| measurement | value |",
             "| --- | --- |",
@@ -245,7 +243,7 @@ def _speed_section(results: Path) -> list[str]:
                 f"| publish latency, {name.replace('_', ' ')} ({row.get('bytes', 0) / 2**20:.2f} MiB) | "
                 f"{row.get('seconds', float('nan')) * 1000:.0f} ms |"
             )
-        lines += ["", f"Machine: {_machine_line(serving.get('machine'))}.", ""]
+        lines += ["", f"Machine: {_machine_line(record.get('machine'))}.", ""]
     else:
         lines += [
             "**Not measured yet.** Serving tokens/s with and without routing and the publish latency come from "

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -98,10 +97,6 @@ def serving_benchmark(source: str, replicas: int = 2, requests: int = 32, max_to
             },
             "throughput": {"routed": routed, "main_only": main_only},
             "routing_tokens_per_second_ratio": routed["tokens_per_second"] / main_only["tokens_per_second"],
-            "machine": {
-                "cpu": platform.processor() or platform.machine(),
-                "python": platform.python_version(),
-            },
         }
         return result
     finally:

@@ -155,9 +155,7 @@ def _bench_serving(args: argparse.Namespace) -> int:
     result = serving_benchmark(
         args.checkpoint, replicas=args.replicas, requests=args.requests, max_tokens=args.max_tokens
     )
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    _save_result(args, result)
     sys.stdout.write(json.dumps(result) + "\n")
     return 0
 
@@ -260,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     bserve.add_argument("--replicas", type=int, default=2)
     bserve.add_argument("--requests", type=int, default=32, help="completions per measurement")
     bserve.add_argument("--max-tokens", type=int, default=32)
-    bserve.add_argument("--out", help="also write the result to this JSON file")
+    bserve.add_argument("--out", help="also write the result (with command and machine) to this JSON file")
     bserve.set_defaults(func=_bench_serving)
     model = sub.add_parser("model", help="materialise the embedded model checkpoint and print its path")
     model.set_defaults(func=_model)
