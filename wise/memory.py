@@ -150,20 +150,32 @@ class MemoryBank:
         return False
 
     def merge(self) -> None:
-        """Merge the stored shards (TIES by default): into the single merged memory (WISE-Merge), or into a new
-        memory appended to the bank (WISE-Retrieve). Thresholds are re-measured on the merged memory."""
-        group = list(self.pending) if self.cfg.retrieve else [*self.merged, *self.pending]
+        """Merge the stored shards (TIES by default) and re-measure the threshold of the result.
+
+        WISE-Retrieve: the shards become one new memory appended to the bank. WISE-Merge: the merged memory is
+        the base the shards add to, ``merged <- merged + TIES(shards)`` (paper Sec. 2.3.2: the merged side
+        memory is where later knowledge goes). Shards are trained on the main memory alone, so that they stay
+        independent and train in parallel; their task vectors are therefore relative to the main memory, and
+        what is added is their TIES merge. Merging the earlier memory *with* the shards, as one more task
+        vector, would average every earlier edit with the new ones at each merge: on ZsRE that left WISE-Merge
+        with reliability 0.28 and locality 0.75 at T=100 (0.91 / 1.00 at T=10, after its first merge).
+        """
+        group = list(self.pending)
         if not group:
             return
-        if len(group) == 1:
+        base = None if self.cfg.retrieve or not self.merged else self.merged[0]
+        if len(group) == 1 and base is None:
             merged = group[0]
         else:
-            merger = get_merger(self.cfg.merge.method)
-            delta = merger(
-                [m.delta for m in group], density=self.cfg.merge.density, weight=self.cfg.merge.weights
-            )
-            merged = Memory(delta)
-            for m in group:
+            if len(group) == 1:
+                delta = group[0].delta
+            else:
+                merger = get_merger(self.cfg.merge.method)
+                delta = merger(
+                    [m.delta for m in group], density=self.cfg.merge.density, weight=self.cfg.merge.weights
+                )
+            merged = Memory(delta if base is None else base.delta + delta)
+            for m in group if base is None else [base, *group]:
                 merged.edit_ids += m.edit_ids
                 merged.prompts += m.prompts
                 merged.targets += m.targets
@@ -172,8 +184,8 @@ class MemoryBank:
         refresh_threshold(merged, self.cfg, self.transposed)
         logger.info(
             "%s (%d edits), threshold %.3f",
-            f"merged {len(group)} shards"
-            if len(group) > 1
+            f"merged {len(group)} shards" + ("" if base is None else " into the merged memory")
+            if len(group) > 1 or base is not None
             else f"shard {group[0].shard_ids} kept as a memory",
             len(merged.edit_ids),
             merged.threshold,

@@ -1,7 +1,9 @@
 import pytest
 import torch
 
+from wise.config import WiseConfig
 from wise.masks import shard_mask
+from wise.memory import Memory, MemoryBank
 from wise.merge import get_merger, linear_merge, ties_merge
 
 
@@ -61,3 +63,38 @@ def test_merge_registry_and_errors():
         ties_merge([torch.zeros(2, 2), torch.zeros(3)])
     with pytest.raises(ValueError, match="at least one"):
         ties_merge([])
+
+
+def _shard(i: int, delta: torch.Tensor) -> Memory:
+    key = torch.ones((2, delta.shape[1]), dtype=torch.float16)
+    return Memory(delta, [f"e{i}"], [f"p{i}"], [f"t{i}"], [i], keys=[key])
+
+
+def test_wise_merge_adds_later_shards_to_the_merged_memory_without_diluting_it():
+    g = torch.Generator().manual_seed(0)
+    deltas = [torch.randn(4, 6, generator=g) * shard_mask((4, 6), 0.5, "random", 0, i) for i in range(4)]
+    cfg = WiseConfig(save_freq=1, merge_freq=2, retrieve=False, merge={"method": "ties", "density": 0.53})
+    bank = MemoryBank(cfg)
+    for i in range(2):
+        bank.store(_shard(i, deltas[i].clone()))
+    first = ties_merge(deltas[:2], density=0.53)
+    assert torch.equal(bank.merged[0].delta, first) and not bank.pending
+    for i in range(2, 4):
+        bank.store(_shard(i, deltas[i].clone()))
+    # the earlier merged memory is the base: it is kept whole, the new shards' TIES merge is added to it
+    assert torch.allclose(bank.merged[0].delta, first + ties_merge(deltas[2:], density=0.53))
+    assert bank.merged[0].edit_ids == ["e0", "e1", "e2", "e3"] and bank.merged[0].shard_ids == [0, 1, 2, 3]
+    assert len(bank.merged[0].keys) == 4 and bank.merged[0].threshold < float("inf")
+    # a final partial group of one shard is added as it is
+    bank.store(_shard(4, deltas[0].clone()))
+    bank.merge()
+    assert torch.allclose(bank.merged[0].delta, first + ties_merge(deltas[2:], density=0.53) + deltas[0])
+
+    # WISE-Retrieve: every group becomes its own memory, nothing is added up
+    rbank = MemoryBank(cfg.model_copy(update={"retrieve": True}))
+    for i in range(4):
+        rbank.store(_shard(i, deltas[i].clone()))
+    assert [
+        torch.equal(m.delta, ties_merge(deltas[2 * j : 2 * j + 2], density=0.53))
+        for j, m in enumerate(rbank.merged)
+    ] == [True, True]
