@@ -345,18 +345,30 @@ def _records(spec: DatasetSpec, n: int) -> list:
     return [r for _, r in EditStream(open_source(spec.path, spec.format), max_records=n)]
 
 
-def plan_run(qcfg: QualityConfig, run: RunSpec, max_t: int | None = None) -> tuple[list[int], list]:
+def plan_run(
+    qcfg: QualityConfig, run: RunSpec, max_t: int | None = None, read: dict | None = None
+) -> tuple[list[int], list]:
     """The milestones one run evaluates and the records it edits, in stream order.
 
     The milestones are the configured ones up to the run's ``max_t`` (capped by ``max_t``). A dataset with
     fewer valid edits than the largest of them (records the stream rejects, e.g. a blank target, are not
     edits) ends at its last valid edit instead: that T is every edit the dataset has, and is said so.
+    ``read`` caches the records read per (dataset, count) across calls.
+
+    Raises:
+        ConfigError: the dataset has no valid edit at all.
     """
     cap = min(run.max_t, max_t or run.max_t)
     wanted = [t for t in qcfg.milestones if t <= cap]
     if not wanted:
         return [], []
-    records = _records(qcfg.datasets[run.dataset], wanted[-1])
+    read = {} if read is None else read
+    key = (run.dataset, wanted[-1])
+    if key not in read:
+        read[key] = _records(qcfg.datasets[run.dataset], wanted[-1])
+    records = read[key]
+    if not records:
+        raise ConfigError(f"run {run.name}: dataset {qcfg.datasets[run.dataset].path} holds no valid edit")
     milestones = [t for t in wanted if t <= len(records)]
     if len(records) < wanted[-1]:
         logger.warning(
@@ -367,14 +379,15 @@ def plan_run(qcfg: QualityConfig, run: RunSpec, max_t: int | None = None) -> tup
             wanted[-1],
             len(records),
         )
-        if records and (not milestones or milestones[-1] < len(records)):
+        if not milestones or milestones[-1] < len(records):
             milestones.append(len(records))
     return milestones, records
 
 
 def planned_milestones(qcfg: QualityConfig) -> dict[str, list[int]]:
     """Milestones each configured run ``method/dataset`` is to reach (for the report's status table)."""
-    return {run.name: plan_run(qcfg, run)[0] for run in qcfg.runs}
+    read: dict = {}  # each dataset is read once per length, not once per method
+    return {run.name: plan_run(qcfg, run, read=read)[0] for run in qcfg.runs}
 
 
 def quality_benchmark(

@@ -15,6 +15,7 @@ from orchestrator.bench_quality import (
     planned_milestones,
     sequential_run,
 )
+from orchestrator.config import ConfigError
 from wise.config import WiseConfig
 from wise.editor import WiseEditor
 from wise.evaluate import evaluate_records
@@ -177,6 +178,10 @@ def test_a_dataset_shorter_than_a_milestone_ends_at_its_last_valid_edit(tmp_path
     shipped = planned_milestones(load_quality_config(ROOT / "configs" / "bench" / "quality.yaml"))
     assert shipped["wise-retrieve/zsre"] == [1, 10, 100, 998]
     assert all(m == [1, 10, 100] for name, m in shipped.items() if name != "wise-retrieve/zsre")
+    # a dataset without one valid edit is an error naming it, not an empty run
+    data.write_text(json.dumps([{**records[1]}]))
+    with pytest.raises(ConfigError, match="holds no valid edit"):
+        plan_run(cfg, run)
 
 
 @pytest.mark.model
