@@ -13,6 +13,8 @@ import logging
 import os
 from dataclasses import dataclass
 
+import torch
+
 from actors.replica import ModelSpec, load_replica
 from wise.config import WiseConfig
 from wise.memory import Memory
@@ -39,12 +41,14 @@ class ShardSpec:
         start: stream index (among accepted edits) of the shard's first edit.
         edits: the shard's edits.
         resume: progress to continue from (its ``edit_ids`` are a prefix of ``edits``), or None to start fresh.
+        base: the task vector a fresh shard starts from (WISE-Merge's merged memory), None for the main memory.
     """
 
     shard_id: int
     start: int
     edits: tuple[Edit, ...]
     resume: Memory | None = None
+    base: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,7 @@ class EditorActor:
             mem = spec.resume.detached()
             mem.delta = mem.delta.to(self.trainer.device, self.trainer.routed.weight.dtype)
             return mem
-        return self.trainer.new_shard(spec.shard_id)
+        return self.trainer.new_shard(spec.shard_id, spec.base)
 
     def train(self, specs: list[ShardSpec], limit: int | None = None) -> list[ShardProgress]:
         """Advance the shards in lock step by at most ``limit`` edits each (all remaining when None).

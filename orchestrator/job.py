@@ -410,8 +410,15 @@ class EditJob:
                 group = ready[: cfg.runtime.shards_per_editor]
                 if not group:
                     break
+                base = self.bank.base()
                 specs = [
-                    ShardSpec(t.shard_id, t.start, tuple(_edit(r) for r in t.records), t.progress)
+                    ShardSpec(
+                        t.shard_id,
+                        t.start,
+                        tuple(_edit(r) for r in t.records),
+                        t.progress,
+                        None if t.progress is not None or base is None else base.detach().cpu(),
+                    )
                     for t in group
                 ]
                 for t in group:

@@ -5,7 +5,9 @@ Accepted records are numbered in stream order; shard ``s`` holds records ``[s*F,
 number of times (a retrained shard gives the same memory). Finished shards enter the
 :class:`~wise.memory.MemoryBank` strictly in shard order, which applies the merge cadence exactly as the
 single-process editor does. Only the last shard may hold fewer than ``F`` records: at the end of a stream it is
-the *active* shard, routable but not stored, as in :class:`~wise.editor.WiseEditor`.
+the *active* shard, routable but not stored, as in :class:`~wise.editor.WiseEditor`. WISE-Merge shards start
+from the merge of the earlier groups, so a group's shards start only once the group before it is merged: they
+train in parallel with each other, not with the next group.
 """
 
 from __future__ import annotations
@@ -72,13 +74,28 @@ class ShardBook:
         """Full shards not yet finished: the work queued or running (what backpressure limits)."""
         return sum(1 for t in self.tasks.values() if self.full(t) and t.applied < self.save_freq)
 
+    def startable(self, task: ShardTask) -> bool:
+        """Whether the shard's starting point is known: always for WISE-Retrieve and for shards under way; for
+        a fresh WISE-Merge shard, once every shard of the earlier merge groups is stored (it starts from their
+        merge, :meth:`~wise.memory.MemoryBank.base`)."""
+        return (
+            self.bank.cfg.retrieve
+            or task.progress is not None
+            or self.bank.first_of_group(task.shard_id) <= self.next_store
+        )
+
     def ready(self, stream_done: bool) -> list[ShardTask]:
-        """Shards with edits to apply and not in flight, lowest id first. The last, partial shard is ready only
-        once the stream has nothing more for it."""
+        """Shards with edits to apply, not in flight and :meth:`startable`, lowest id first. The last, partial
+        shard is ready only once the stream has nothing more for it."""
         out = []
         for sid in sorted(self.tasks):
             t = self.tasks[sid]
-            if t.worker is None and t.applied < len(t.records) and (self.full(t) or stream_done):
+            if (
+                t.worker is None
+                and t.applied < len(t.records)
+                and (self.full(t) or stream_done)
+                and self.startable(t)
+            ):
                 out.append(t)
         return out
 

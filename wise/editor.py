@@ -2,7 +2,8 @@
 
 The editor composes a :class:`~wise.trainer.ShardTrainer` (writes edits into the *active* shard) and a
 :class:`~wise.memory.MemoryBank` (the *pending* shards stored every ``save_freq`` edits and the *merged*
-memories produced every ``merge_freq`` edits: one for WISE-Merge, a growing list for WISE-Retrieve). Every
+memories produced every ``merge_freq`` edits: one for WISE-Merge, on top of which later shards train, a growing
+list for WISE-Retrieve). Every
 applied edit is routable at once: the router sees merged, pending and active memories alike.
 ``state_dict()`` / ``load_state_dict()`` capture everything needed to continue identically; ``save()`` /
 ``load()`` write safetensors + JSON (never pickle). The distributed orchestrator builds the same state from
@@ -171,14 +172,23 @@ class WiseEditor:
         (outcomes,) = self.trainer.step([self.active], [self.n_edits], [edits])
         if len(self.active.edit_ids) >= self.cfg.save_freq:
             logger.info("shard %d stored (%d edits)", self.active.shard_ids[0], len(self.active.edit_ids))
-            closed, self.active = self.active, self.trainer.new_shard(self.active.shard_ids[0] + 1)
-            self.bank.store(closed)
+            closed = self.active
+            self.bank.store(closed)  # may merge: the next shard starts from what the bank holds after it
+            self.active = self.trainer.new_shard(closed.shard_ids[0] + 1, self.bank.base())
         self._sync_router()
         return outcomes
 
     def merge(self) -> None:
-        """Merge the stored shards now (normally every ``merge_freq`` edits)."""
+        """Merge the stored shards now (normally every ``merge_freq`` edits).
+
+        A WISE-Merge active shard is moved onto the new merged memory: it keeps what its own edits wrote on top
+        of the old one.
+        """
+        old = self.bank.base()
         self.bank.merge()
+        new = self.bank.base()
+        if new is not None and new is not old:
+            self.active.delta = self.active.delta + (new if old is None else new - old)
         self._sync_router()
 
     # ------------------------------------------------------------------ state

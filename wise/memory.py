@@ -5,7 +5,8 @@ their routing keys (the edited projection's inputs over each edit prompt). Keys 
 computation, so merging needs no model: the orchestrator can merge shards trained by other processes.
 
 The :class:`MemoryBank` stores closed shards and merges them every ``merge_freq`` edits: into one memory
-(WISE-Merge) or into a new memory appended to a list (WISE-Retrieve).
+(WISE-Merge, whose new shards start from that memory) or into a new memory appended to a list (WISE-Retrieve,
+whose shards all start from the main memory).
 """
 
 from __future__ import annotations
@@ -149,33 +150,49 @@ class MemoryBank:
             return True
         return False
 
+    def base(self) -> torch.Tensor | None:
+        """The task vector a new shard starts from: WISE-Merge's merged memory, None for the main memory.
+
+        WISE-Retrieve shards always start from the main memory: each merge group becomes its own memory.
+        """
+        if self.cfg.retrieve or not self.merged:
+            return None
+        return self.merged[0].delta
+
+    def first_of_group(self, shard_id: int) -> int:
+        """The first shard of ``shard_id``'s merge group (shards of one group start from the same base)."""
+        per_group = self.cfg.merge_freq // self.cfg.save_freq
+        return shard_id // per_group * per_group
+
     def merge(self) -> None:
-        """Merge the stored shards (TIES by default): into the single merged memory (WISE-Merge), or into a new
+        """Merge the stored shards (TIES by default) into the single merged memory (WISE-Merge), or into a new
         memory appended to the bank (WISE-Retrieve). Thresholds are re-measured on the merged memory.
 
-        WISE-Merge merges the earlier merged memory as one more task vector with the new shards. The shards are
-        trained on the main memory alone (so that they train in parallel), not on top of the merged memory as
-        in the paper, and at T=100 neither this rule nor adding the new shards' merge to the merged memory
-        keeps the edits on SmolLM2 (ZsRE rel / loc 0.28 / 0.75 this way, 0.11 / 0.29 adding; ``wisestream
-        bench quality``). WISE-Retrieve, the default, does (0.96 / 0.99).
+        WISE-Merge follows the paper (Sec. 2.3.2): the shards of a group all start from the merged memory ``M``
+        of the earlier groups (:meth:`base`) and each writes its edits into its own subspace, so the merge is
+        ``M + TIES(shard_1 - M, ..., shard_k - M)``: the earlier merges are not trimmed again. A group of one
+        shard is the shard itself. WISE-Retrieve merges each group on its own (``M = 0``).
         """
-        group = list(self.pending) if self.cfg.retrieve else [*self.merged, *self.pending]
+        group = list(self.pending)
         if not group:
             return
+        base = self.base()
+        earlier = [] if base is None else list(self.merged)
         if len(group) == 1:
-            merged = group[0]
+            delta = group[0].delta
         else:
             merger = get_merger(self.cfg.merge.method)
-            delta = merger(
-                [m.delta for m in group], density=self.cfg.merge.density, weight=self.cfg.merge.weights
+            zero = torch.zeros_like(group[0].delta) if base is None else base
+            delta = zero + merger(
+                [m.delta - zero for m in group], density=self.cfg.merge.density, weight=self.cfg.merge.weights
             )
-            merged = Memory(delta)
-            for m in group:
-                merged.edit_ids += m.edit_ids
-                merged.prompts += m.prompts
-                merged.targets += m.targets
-                merged.shard_ids += m.shard_ids
-                merged.keys += m.keys
+        merged = Memory(delta)
+        for m in [*earlier, *group]:
+            merged.edit_ids += m.edit_ids
+            merged.prompts += m.prompts
+            merged.targets += m.targets
+            merged.shard_ids += m.shard_ids
+            merged.keys += m.keys
         refresh_threshold(merged, self.cfg, self.transposed)
         logger.info(
             "%s (%d edits), threshold %.3f",

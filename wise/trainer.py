@@ -1,10 +1,11 @@
 """ShardTrainer: writes edits into side-memory shards on one model replica (paper Sec. 2.3.2, Eq. 5).
 
-A shard is ``save_freq`` consecutive edits applied sequentially into a fresh side memory under its own gradient
-mask. Shards are independent of each other (each starts from the main memory and only its own edits shape it),
-so one trainer can advance several shards in lock step as one batched computation (the frozen model is shared;
-each shard's rows see only its own task vector), and several trainers on several devices can train different
-shards at the same time. Merging and routing are not the trainer's business: see :mod:`wise.memory`.
+A shard is ``save_freq`` consecutive edits applied sequentially into a side memory under its own gradient mask.
+Shards of one merge group are independent of each other (each starts from the same side memory, the main memory
+or WISE-Merge's merged memory, and only its own edits shape it), so one trainer can advance several shards in
+lock step as one batched computation (the frozen model is shared; each shard's rows see only its own task
+vector), and several trainers on several devices can train different shards at the same time. Merging and
+routing are not the trainer's business: see :mod:`wise.memory`.
 """
 
 from __future__ import annotations
@@ -105,9 +106,19 @@ class ShardTrainer:
     def zeros(self) -> torch.Tensor:
         return torch.zeros_like(self.routed.weight, requires_grad=False)
 
-    def new_shard(self, shard_id: int) -> Memory:
-        """An empty side memory for shard ``shard_id`` (its mask is derived from ``(seed, shard_id)``)."""
-        return Memory(self.zeros(), shard_ids=[shard_id])
+    def new_shard(self, shard_id: int, base: torch.Tensor | None = None) -> Memory:
+        """A side memory for shard ``shard_id`` holding no edit (its mask is derived from ``(seed, shard_id)``).
+
+        Args:
+            shard_id: the shard's number.
+            base: the task vector the shard starts from: WISE-Merge's merged memory
+                (:meth:`~wise.memory.MemoryBank.base`); None starts from the main memory (zero task vector).
+        """
+        if base is None:
+            return Memory(self.zeros(), shard_ids=[shard_id])
+        if base.shape != self.routed.weight.shape:
+            raise ValueError(f"base task vector {tuple(base.shape)} is not {tuple(self.routed.weight.shape)}")
+        return Memory(base.detach().to(self.device, self.routed.weight.dtype).clone(), shard_ids=[shard_id])
 
     def prepare(self) -> None:
         """Do the one-time work up front: context templates, margins, and (with hard negatives) the pool's

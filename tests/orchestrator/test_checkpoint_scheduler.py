@@ -92,7 +92,8 @@ def test_shards_finishing_out_of_order_enter_the_bank_in_order_and_merge_on_cade
         book.add(_rec(i))
     assert sorted(book.tasks) == [0, 1, 2] and book.open_shards() == 2
     assert [t.shard_id for t in book.ready(stream_done=False)] == [0, 1]  # the partial shard 2 waits
-    assert [t.shard_id for t in book.ready(stream_done=True)] == [0, 1, 2]
+    # and so does a finished stream's: shard 2 starts from the merge of shards 0 and 1 (WISE-Merge)
+    assert [t.shard_id for t in book.ready(stream_done=True)] == [0, 1]
     assert book.update(1, _mem(1, ["r2", "r3"]), ()) == []  # shard 1 done first: waits for shard 0
     assert book.bank.pending == [] and book.n_applied() == 2
     assert book.update(0, _mem(0, ["r0", "r1"]), ()) == [0, 1]
@@ -100,9 +101,28 @@ def test_shards_finishing_out_of_order_enter_the_bank_in_order_and_merge_on_cade
     assert len(book.bank.merged) == 1 and book.bank.pending == []
     assert book.bank.merged[0].edit_ids == ["r0", "r1", "r2", "r3"]
     assert book.active() is None and not book.settled()
+    assert [t.shard_id for t in book.ready(stream_done=True)] == [2]
     book.update(2, _mem(2, ["r4"]), ())
     assert book.active().edit_ids == ["r4"] and book.settled()
     assert book.applied_ids() == ["r0", "r1", "r2", "r3", "r4"]
+
+
+def test_wise_merge_shards_wait_for_the_earlier_groups_merge_and_retrieve_shards_do_not():
+    merge = ShardBook(2, MemoryBank(WiseConfig(save_freq=2, merge_freq=4, retrieve=False)))
+    retrieve = ShardBook(2, MemoryBank(WiseConfig(save_freq=2, merge_freq=4, retrieve=True)))
+    for book in (merge, retrieve):
+        for i in range(12):
+            book.add(_rec(i))
+    assert [t.shard_id for t in retrieve.ready(stream_done=True)] == [0, 1, 2, 3, 4, 5]
+    assert [t.shard_id for t in merge.ready(stream_done=True)] == [0, 1]  # one group trains in parallel
+    merge.update(0, _mem(0, ["r0", "r1"]), ())
+    assert [t.shard_id for t in merge.ready(stream_done=True)] == [1]  # shard 1 still missing: no merge yet
+    merge.update(1, _mem(1, ["r2", "r3"]), ())
+    assert len(merge.bank.merged) == 1 and [t.shard_id for t in merge.ready(stream_done=True)] == [2, 3]
+    # a shard under way continues whatever happened since it started
+    merge.update(2, _mem(2, ["r4"]), ())
+    merge.reset(3)
+    assert [t.shard_id for t in merge.ready(stream_done=True)] == [2, 3]
 
 
 def test_progress_that_is_not_a_prefix_of_the_shard_is_refused():

@@ -80,8 +80,18 @@ def test_shard_and_merge_cadence_merge_mode(tiny_model, tiny_tokenizer, edits, p
     assert len(ed.pending) == 1 and not ed.merged and not ed.active.edit_ids
     ed.apply(edits[1:2])
     assert not ed.pending and len(ed.merged) == 1 and ed.merged[0].shard_ids == [0, 1]
-    ed.apply(edits[2:4])
-    # WISE-Merge folds the earlier merged memory into the new one
+    # the next shard starts from the merged memory and writes only inside its own mask
+    first = ed.merged[0].delta.clone()
+    assert torch.equal(ed.active.delta, first) and ed.active.delta is not ed.merged[0].delta
+    ed.apply(edits[2:3])
+    from wise.masks import shard_mask
+
+    (shard2,) = ed.pending
+    mask = shard_mask(tuple(first.shape), 0.2, "random", seed=0, shard_id=2)
+    changed = shard2.delta != first
+    assert changed.any() and not (changed & ~mask).any()
+    ed.apply(edits[3:4])
+    # WISE-Merge folds the later shards into the merged memory
     assert len(ed.merged) == 1 and ed.merged[0].edit_ids == ["e0", "e1", "e2", "e3"]
     assert ed.routed.deltas.shape[0] == 1
     assert ed.applied_ids() == ["e0", "e1", "e2", "e3"]

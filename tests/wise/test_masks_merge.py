@@ -70,21 +70,33 @@ def _shard(i: int, delta: torch.Tensor) -> Memory:
     return Memory(delta, [f"e{i}"], [f"p{i}"], [f"t{i}"], [i], keys=[key])
 
 
-def test_wise_merge_merges_the_merged_memory_with_later_shards_and_retrieve_keeps_groups_apart():
+def test_wise_merge_adds_the_merge_of_later_shards_to_the_merged_memory_and_retrieve_keeps_groups_apart():
     g = torch.Generator().manual_seed(0)
     deltas = [torch.randn(4, 6, generator=g) * shard_mask((4, 6), 0.5, "random", 0, i) for i in range(4)]
     cfg = WiseConfig(save_freq=1, merge_freq=2, retrieve=False, merge={"method": "ties", "density": 0.53})
     bank = MemoryBank(cfg)
+    assert bank.base() is None  # the first group starts from the main memory
+    assert [bank.first_of_group(i) for i in range(5)] == [0, 0, 2, 2, 4]
     for i in range(2):
         bank.store(_shard(i, deltas[i].clone()))
     first = ties_merge(deltas[:2], density=0.53)
     assert torch.equal(bank.merged[0].delta, first) and not bank.pending
+    assert bank.base() is bank.merged[0].delta
+    # the next group's shards start from the merged memory, each writes its own subspace on top of it
     for i in range(2, 4):
-        bank.store(_shard(i, deltas[i].clone()))
-    # WISE-Merge: the earlier merged memory is one more task vector of the next merge
-    assert torch.equal(bank.merged[0].delta, ties_merge([first, *deltas[2:]], density=0.53))
+        bank.store(_shard(i, first + deltas[i]))
+    # WISE-Merge (paper Sec. 2.3.2): merged + TIES of the new shards' task vectors relative to it; the earlier
+    # merge is not trimmed again
+    expected = first + ties_merge([(first + d) - first for d in deltas[2:]], density=0.53)
+    assert torch.allclose(bank.merged[0].delta, expected, atol=1e-6)
+    assert not torch.allclose(bank.merged[0].delta, ties_merge([first, *deltas[2:]], density=0.53))
     assert bank.merged[0].edit_ids == ["e0", "e1", "e2", "e3"] and bank.merged[0].shard_ids == [0, 1, 2, 3]
     assert len(bank.merged[0].keys) == 4 and bank.merged[0].threshold < float("inf")
+    # a group of one shard trained on the merged memory is that shard
+    one = MemoryBank(cfg.model_copy(update={"merge_freq": 1}))
+    one.store(_shard(0, deltas[0].clone()))
+    one.store(_shard(1, deltas[0] + deltas[1]))
+    assert torch.equal(one.merged[0].delta, deltas[0] + deltas[1]) and one.merged[0].edit_ids == ["e0", "e1"]
 
     # WISE-Retrieve: every group becomes its own memory
     rbank = MemoryBank(cfg.model_copy(update={"retrieve": True}))
@@ -94,3 +106,4 @@ def test_wise_merge_merges_the_merged_memory_with_later_shards_and_retrieve_keep
         torch.equal(m.delta, ties_merge(deltas[2 * j : 2 * j + 2], density=0.53))
         for j, m in enumerate(rbank.merged)
     )
+    assert rbank.base() is None  # WISE-Retrieve shards always start from the main memory
