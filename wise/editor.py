@@ -3,8 +3,8 @@
 The editor composes a :class:`~wise.trainer.ShardTrainer` (writes edits into the *active* shard) and a
 :class:`~wise.memory.MemoryBank` (the *pending* shards stored every ``save_freq`` edits and the *merged*
 memories produced every ``merge_freq`` edits: one for WISE-Merge, on top of which later shards train, a growing
-list for WISE-Retrieve). Every
-applied edit is routable at once: the router sees merged, pending and active memories alike.
+list for WISE-Retrieve). Every applied edit is routable at once: the router sees merged, pending and active
+memories alike.
 ``state_dict()`` / ``load_state_dict()`` capture everything needed to continue identically; ``save()`` /
 ``load()`` write safetensors + JSON (never pickle). The distributed orchestrator builds the same state from
 shards trained on several replicas (:func:`compose_state`).

@@ -182,10 +182,11 @@ class MemoryBank:
             delta = group[0].delta
         else:
             merger = get_merger(self.cfg.merge.method)
-            zero = torch.zeros_like(group[0].delta) if base is None else base
-            delta = zero + merger(
-                [m.delta - zero for m in group], density=self.cfg.merge.density, weight=self.cfg.merge.weights
-            )
+            opts = {"density": self.cfg.merge.density, "weight": self.cfg.merge.weights}
+            if base is None:
+                delta = merger([m.delta for m in group], **opts)
+            else:
+                delta = base + merger([m.delta - base for m in group], **opts)
         merged = Memory(delta)
         for m in [*earlier, *group]:
             merged.edit_ids += m.edit_ids

@@ -97,6 +97,19 @@ def test_shard_and_merge_cadence_merge_mode(tiny_model, tiny_tokenizer, edits, p
     assert ed.applied_ids() == ["e0", "e1", "e2", "e3"]
 
 
+def test_a_merge_out_of_cadence_moves_the_active_shard_onto_the_merged_memory(
+    tiny_model, tiny_tokenizer, edits, pool
+):
+    ed = WiseEditor(tiny_model, tiny_tokenizer, _cfg(save_freq=2, merge_freq=4), irrelevant=pool)
+    ed.apply(edits[:3])
+    assert len(ed.pending) == 1 and not ed.merged and ed.active.edit_ids == ["e2"]
+    own = ed.active.delta.clone()
+    ed.merge()
+    assert not ed.pending and ed.merged[0].edit_ids == ["e0", "e1"]
+    assert torch.equal(ed.active.delta, own + ed.merged[0].delta)
+    assert ed.routed.deltas.shape[0] == 2  # the merged memory and the active shard
+
+
 def test_retrieve_mode_keeps_a_bank(tiny_model, tiny_tokenizer, edits, pool):
     ed = WiseEditor(
         tiny_model, tiny_tokenizer, _cfg(save_freq=1, merge_freq=2, retrieve=True), irrelevant=pool
