@@ -411,13 +411,14 @@ class EditJob:
                 if not group:
                     break
                 base = self.bank.base()
+                base = None if base is None else base.detach().cpu()  # one copy for the group's fresh shards
                 specs = [
                     ShardSpec(
                         t.shard_id,
                         t.start,
                         tuple(_edit(r) for r in t.records),
                         t.progress,
-                        None if t.progress is not None or base is None else base.detach().cpu(),
+                        None if t.progress is not None else base,
                     )
                     for t in group
                 ]
