@@ -75,7 +75,8 @@ bench-speed: model
 
 # The benchmark report (benchmarks/results/REPORT.md): quality runs up to T=100 first, speed, layouts and serving
 # (on the default job's state: `make run` resumes it and applies nothing once it has finished), then the long runs
-# (hours on CPU; rerunning resumes and never recomputes a finished milestone), which render the report at the end.
+# (hours on CPU; rerunning resumes and never recomputes a finished milestone), then the report and the README's
+# quoted tables.
 bench: model
 	$(PY) -m orchestrator bench quality --max-t 100
 	$(PY) -m orchestrator bench speed --edits 3 --set wise.save_freq=5 --set wise.merge_freq=5 --out benchmarks/results/speed.json
@@ -83,6 +84,7 @@ bench: model
 	$(PY) -m orchestrator run configs/default.yaml
 	$(PY) -m orchestrator bench serving --checkpoint runs/default --out benchmarks/results/serving.json
 	$(PY) -m orchestrator bench quality
+	$(PY) -m orchestrator bench report --readme README.md
 
 # a few minutes: T = 1, 2 with few steps, under benchmarks/smoke/ (what CI runs)
 bench-smoke: model

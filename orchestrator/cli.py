@@ -73,7 +73,21 @@ def _bench_report(args: argparse.Namespace) -> int:
 
     qcfg = load_quality_config(args.config)
     planned = planned_milestones(qcfg)
-    sys.stdout.write(f"{render_report(args.results or qcfg.output, planned)}\n")
+    results = Path(args.results or qcfg.output)
+    if not results.is_dir():
+        sys.stderr.write(f"error: no results directory {results} (`wisestream bench quality` writes it)\n")
+        return 1
+    report = render_report(results, planned)
+    sys.stdout.write(f"{report}\n")
+    if args.readme:
+        from orchestrator.bench_report import sync_readme
+
+        try:
+            changed = sync_readme(args.readme, report)
+        except (OSError, ValueError) as err:
+            sys.stderr.write(f"error: {args.readme}: {err}\n")
+            return 1
+        sys.stdout.write(f"{args.readme}: {'tables updated' if changed else 'already quotes the report'}\n")
     return 0
 
 
@@ -197,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     report = bench_sub.add_parser("report", help="render REPORT.md and plots from the results files")
     report.add_argument("--config", type=Path, default=Path("configs/bench/quality.yaml"))
     report.add_argument("--results", help="results directory (default: the config's output)")
+    report.add_argument(
+        "--readme",
+        help="also rewrite this README's quoted block (between the quality-table markers) with the report's "
+        "headline and status tables",
+    )
     report.set_defaults(func=_bench_report)
     layers = bench_sub.add_parser(
         "layers", help="which layer's activations separate edits from unrelated prompts"

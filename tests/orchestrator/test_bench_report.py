@@ -79,3 +79,74 @@ def test_report_says_what_is_not_measured(tmp_path):
     assert "Not measured yet: run `wisestream bench speed" in report
     assert "Edits/s per layout not measured yet" in report
     assert "**Not measured yet.** Serving tokens/s" in report
+
+
+def _report_with(status_row: str, headline_row: str) -> str:
+    return "\n".join(
+        [
+            "# wisestream benchmark report",
+            "",
+            "## Status",
+            "",
+            "| run | milestones done | milestones still to run |",
+            "| --- | --- | --- |",
+            status_row,
+            "",
+            "## Headline: every method at ...",
+            "",
+            "| dataset | T | method | Rel |",
+            "| --- | --- | --- | --- |",
+            headline_row,
+            "",
+            "## Quality",
+            "",
+            "| method | T |",
+            "| --- | --- |",
+            "| not quoted | 1 |",
+            "",
+        ]
+    )
+
+
+def test_readme_block_is_rewritten_from_the_report_and_prose_around_it_is_kept(tmp_path):
+    from orchestrator.bench_report import README_BEGIN, README_END, readme_tables, sync_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        f"# x\n\nbefore\n\n{README_BEGIN}\nBlock prose.\n\n| dataset | T | method | Rel |\n| --- | --- | --- | --- |\n"
+        f"| zsre | 10 | grace | 0.500 |\n\n| run | milestones done | milestones still to run |\n| --- | --- | --- |\n"
+        f"| grace/zsre | 10 | 100 |\n{README_END}\n\nafter\n"
+    )
+    report = tmp_path / "REPORT.md"
+    report.write_text(_report_with("| grace/zsre | 10, 100 | – |", "| zsre | 100 | grace | 0.900 |"))
+    assert sync_readme(readme, report)
+    text = readme.read_text()
+    assert text.startswith("# x\n\nbefore\n\n") and text.endswith(f"{README_END}\n\nafter\n")
+    prose, tables = readme_tables(text)
+    assert prose == ["Block prose.", ""]
+    assert [t[-1] for t in tables] == ["| zsre | 100 | grace | 0.900 |", "| grace/zsre | 10, 100 | – |"]
+    assert "not quoted" not in text and "0.500" not in text
+    assert not sync_readme(readme, report)  # a second run changes nothing
+
+
+def test_readme_without_the_markers_is_an_error_naming_them(tmp_path):
+    import pytest
+
+    from orchestrator.bench_report import README_BEGIN, sync_readme
+
+    (tmp_path / "README.md").write_text("# x\n")
+    (tmp_path / "REPORT.md").write_text(_report_with("| a | 1 | – |", "| z | 1 | m | 0.1 |"))
+    with pytest.raises(ValueError, match=README_BEGIN):
+        sync_readme(tmp_path / "README.md", tmp_path / "REPORT.md")
+
+
+def test_committed_readme_quotes_the_committed_report():
+    """The README's headline and status tables are the committed report's (``wisestream bench report --readme
+    README.md`` rewrites them): a results change without the README fails here."""
+    from pathlib import Path
+
+    from orchestrator.bench_report import quoted_tables, readme_tables
+
+    root = Path(__file__).resolve().parents[2]
+    _, tables = readme_tables((root / "README.md").read_text())
+    assert tables == quoted_tables((root / "benchmarks/results/REPORT.md").read_text())
