@@ -391,7 +391,11 @@ def planned_milestones(qcfg: QualityConfig) -> dict[str, list[int]]:
 
 
 def quality_benchmark(
-    qcfg: QualityConfig, only: Sequence[str] = (), max_t: int | None = None, command: str | None = None
+    qcfg: QualityConfig,
+    only: Sequence[str] = (),
+    max_t: int | None = None,
+    command: str | None = None,
+    pre_only: bool = False,
 ) -> dict[str, list[int]]:
     """Run the configured (method, dataset) runs in order, each up to its ``max_t`` (capped by ``max_t``).
 
@@ -400,6 +404,8 @@ def quality_benchmark(
         only: run names ``method/dataset`` to run (all when empty).
         max_t: cap on every run's T (e.g. 100 first, the long runs later).
         command: recorded in each result (default: this process's command line).
+        pre_only: only measure the pre-edit model at each run's milestones, applying no edit (a run's own
+            evaluation then reads it instead of measuring it; lets it run beside a long editing run).
 
     Returns:
         Milestones evaluated by this call, per run name.
@@ -434,18 +440,35 @@ def quality_benchmark(
             model, tokenizer = load_model(job_cfg)
             return make_editor(spec.kind, settings, model, tokenizer, pool)
 
-        def evaluate(editor, recs, dataset_name=run.dataset):
-            res = evaluate_records(editor.model, editor.routed, editor.tokens, recs, generate=qcfg.generate)
+        def pre_edit(editor, recs, dataset_name=run.dataset):
+            """The pre-edit model's metrics on ``recs`` (the edited layer's main weight alone: the same for every
+            method, so computed once per dataset and T and kept in ``quality/<dataset>/pre/``)."""
             pre_path = out / "quality" / dataset_name / "pre" / f"T{len(recs)}.json"
             if pre_path.exists():
-                pre = json.loads(pre_path.read_text())
-            else:  # the pre-edit model (the edited layer's main weight alone) is the same for every method
-                pre = evaluate_records(
-                    editor.model, editor.routed, editor.tokens, recs, main_only=True, generate=qcfg.generate
-                )
-                pre = {k: pre[k] for k in ("teacher_forced", "generate") if k in pre}
-                _write_json(pre_path, {"T": len(recs), **pre, **extra})
-            return {"pre": pre, **res}
+                return json.loads(pre_path.read_text())
+            pre = evaluate_records(
+                editor.model, editor.routed, editor.tokens, recs, main_only=True, generate=qcfg.generate
+            )
+            pre = {k: pre[k] for k in ("teacher_forced", "generate") if k in pre}
+            _write_json(pre_path, {"T": len(recs), **pre, **extra})
+            return pre
+
+        def evaluate(editor, recs, pre_edit=pre_edit):
+            res = evaluate_records(editor.model, editor.routed, editor.tokens, recs, generate=qcfg.generate)
+            return {"pre": pre_edit(editor, recs), **res}
+
+        if pre_only:
+            todo = [
+                t for t in milestones if not (out / "quality" / run.dataset / "pre" / f"T{t}.json").exists()
+            ]
+            logger.info("run %s: pre-edit model only, milestones left %s", run.name, todo)
+            if todo:
+                editor = make()
+                for t in todo:
+                    pre_edit(editor, records[:t])
+                    logger.info("run %s: pre-edit model measured at T=%d", run.name, t)
+            evaluated[run.name] = todo
+            continue
 
         logger.info("run %s: milestones %s", run.name, milestones)
         evaluated[run.name] = sequential_run(

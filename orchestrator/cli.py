@@ -60,7 +60,9 @@ def _bench_quality(args: argparse.Namespace) -> int:
     if args.out:
         qcfg = qcfg.model_copy(update={"output": args.out, "work": str(Path(args.out) / "work")})
     only = [r for r in (args.runs or "").split(",") if r]
-    done = quality_benchmark(qcfg, only=only, max_t=args.max_t, command=invoked_command(args.argv))
+    done = quality_benchmark(
+        qcfg, only=only, max_t=args.max_t, command=invoked_command(args.argv), pre_only=args.pre_only
+    )
     planned = planned_milestones(qcfg)
     report = render_report(qcfg.output, planned)
     sys.stdout.write(json.dumps({"evaluated": done, "report": str(report)}) + "\n")
@@ -207,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--max-t", type=int, help="cap every run's T (e.g. 100 before the long runs)")
     quality.add_argument("--smoke", action="store_true", help="CI size: T=1,2, few steps, benchmarks/smoke/")
     quality.add_argument("--out", help="results directory (default: the config's output)")
+    quality.add_argument(
+        "--pre-only",
+        action="store_true",
+        help="only measure the pre-edit model at the runs' milestones (no edits; can run beside a long run)",
+    )
     quality.set_defaults(func=_bench_quality)
     report = bench_sub.add_parser("report", help="render REPORT.md and plots from the results files")
     report.add_argument("--config", type=Path, default=Path("configs/bench/quality.yaml"))

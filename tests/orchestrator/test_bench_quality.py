@@ -189,7 +189,20 @@ def test_smoke_benchmark_runs_end_to_end(tmp_path):
     from orchestrator.cli import main
 
     out = tmp_path / "results"
+    # the pre-edit model alone first (what can run beside a long editing run): no edit, no method result
+    assert main(["bench", "quality", "--smoke", "--pre-only", "--out", str(out)]) == 0
+    pre_files = sorted((out / "quality").glob("*/pre/T*.json"))
+    assert [f"{p.parent.parent.name}/{p.name}" for p in pre_files] == [
+        "counterfact/T1.json",
+        "counterfact/T2.json",
+        "zsre/T1.json",
+        "zsre/T2.json",
+    ]
+    assert not list((out / "quality").glob("*/wise-*")) and not (out / "work").exists()
+    pre_text = {p: p.read_text() for p in pre_files}
+    assert all("--pre-only" in json.loads(t)["command"] for t in pre_text.values())
     assert main(["bench", "quality", "--smoke", "--out", str(out)]) == 0
+    assert {p: p.read_text() for p in pre_files} == pre_text  # the runs read them, never measure them again
     report = (out / "REPORT.md").read_text()
     for dataset in ("zsre", "counterfact"):
         assert (out / f"retention_{dataset}.png").stat().st_size > 10_000
@@ -198,6 +211,10 @@ def test_smoke_benchmark_runs_end_to_end(tmp_path):
             r = json.loads((out / "quality" / dataset / method / "T2.json").read_text())
             assert r["T"] == 2 and r["command"].startswith("wisestream bench quality --smoke")
             tf, pre = r["teacher_forced"], r["pre"]["teacher_forced"]
+            assert (
+                pre
+                == json.loads((out / "quality" / dataset / "pre" / "T2.json").read_text())["teacher_forced"]
+            )
             assert tf["reliability"] > pre["reliability"], (dataset, method, tf, pre)
             assert 0.0 <= tf["locality"] <= 1.0 and r["seconds_per_edit"] > 0
     assert "## Serving" in report and "## Speed" in report
