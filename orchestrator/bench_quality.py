@@ -440,10 +440,12 @@ def quality_benchmark(
             model, tokenizer = load_model(job_cfg)
             return make_editor(spec.kind, settings, model, tokenizer, pool)
 
-        def pre_edit(editor, recs, dataset_name=run.dataset):
+        pre_dir = out / "quality" / run.dataset / "pre"
+
+        def pre_edit(editor, recs, pre_dir=pre_dir):
             """The pre-edit model's metrics on ``recs`` (the edited layer's main weight alone: the same for every
             method, so computed once per dataset and T and kept in ``quality/<dataset>/pre/``)."""
-            pre_path = out / "quality" / dataset_name / "pre" / f"T{len(recs)}.json"
+            pre_path = pre_dir / f"T{len(recs)}.json"
             if pre_path.exists():
                 return json.loads(pre_path.read_text())
             pre = evaluate_records(
@@ -458,9 +460,7 @@ def quality_benchmark(
             return {"pre": pre_edit(editor, recs), **res}
 
         if pre_only:
-            todo = [
-                t for t in milestones if not (out / "quality" / run.dataset / "pre" / f"T{t}.json").exists()
-            ]
+            todo = [t for t in milestones if not (pre_dir / f"T{t}.json").exists()]
             logger.info("run %s: pre-edit model only, milestones left %s", run.name, todo)
             if todo:
                 editor = make()
