@@ -100,20 +100,36 @@ def greedy_generate(
     *,
     main_only: bool = False,
 ) -> str:
-    """Greedy continuation of ``prompt``; the route is decided on the prompt's tokens at every step.
+    """Greedy continuation of ``prompt``; the route is the prompt's (decided on its tokens at prefill).
 
-    No KV cache: each step re-reads the prompt, so the routing decision stays the prompt's (the same decision a
-    serving engine takes at prefill). Edit answers are a few tokens, so this stays cheap.
+    A router that can hold its route (``hold_route``, as :class:`RoutedLinear`) decides it at the prefill and
+    keeps it for the decode steps, which then use a KV cache; so does the main memory alone. A router without
+    it (the baselines) sees the whole sequence again at every step, with the prompt as its query span, so it
+    decides on the prompt every time. Either way the decision is the one a serving engine takes at prefill.
     """
     device = routed.weight.device
     prompt_ids = list(tokens.prompt(prompt))
     ids = list(prompt_ids)
     eos = tokens.tokenizer.eos_token_id
+    hold = getattr(routed, "hold_route", None)
+    if main_only or hold is not None:
+        span = torch.ones((1, len(prompt_ids)), dtype=torch.bool, device=device)
+        with routed.main_only() if main_only else hold():
+            inp, past = torch.tensor([ids], device=device), None
+            for _ in range(max_new_tokens):
+                with routed.query_span(span if past is None else None):
+                    out = model(input_ids=inp, past_key_values=past, use_cache=True, logits_to_keep=1)
+                nxt = int(out.logits[0, -1].argmax())
+                if nxt == eos:
+                    break
+                ids.append(nxt)
+                inp, past = torch.tensor([[nxt]], device=device), out.past_key_values
+        return tokens.tokenizer.decode(ids[len(prompt_ids) :], skip_special_tokens=True)
     for _ in range(max_new_tokens):
         inp = torch.tensor([ids], device=device)
         span = torch.zeros_like(inp, dtype=torch.bool)
         span[0, : len(prompt_ids)] = True
-        with routed.main_only() if main_only else routed.query_span(span):
+        with routed.query_span(span):
             nxt = int(model(input_ids=inp, use_cache=False, logits_to_keep=1).logits[0, -1].argmax())
         if nxt == eos:
             break

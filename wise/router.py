@@ -69,6 +69,8 @@ class RoutedLinear(nn.Module):
         self.register_buffer("thresholds", torch.zeros(0, dtype=torch.float32), persistent=False)
         self._span: torch.Tensor | None = None
         self._routing_enabled = True
+        self._holding = False
+        self._held: torch.Tensor | None = None
         # diagnostics of the latest forward (not used for computation): chosen memory and best score/threshold
         self.last_choice: torch.Tensor | None = None
         self.last_ratio: torch.Tensor | None = None
@@ -109,14 +111,46 @@ class RoutedLinear(nn.Module):
         return a @ weight if self.transposed else a @ weight.T
 
     def scores(self, a: torch.Tensor) -> torch.Tensor:
-        """Routing score of every memory for every sequence: (K, B)."""
-        eq = "btd,kdo->kbto" if self.transposed else "btd,kod->kbto"
-        per_token = torch.einsum(eq, a, self.deltas).norm(dim=-1)  # (K, B, T)
+        """Routing score of every memory for every sequence: (K, B).
+
+        Only the span's tokens are scored (the others do not enter the reduction): with hundreds of memories
+        this product, K times the layer's own, is most of a forward's cost.
+        """
         span = self._span
         if span is not None and span.shape != a.shape[:2]:
             # Decode steps with a KV cache see one new token: route it on itself.
             span = None
-        return reduce_span(per_token.float(), span, self.reduce)
+        k = self.deltas.shape[0]
+        if span is None:
+            eq = "btd,kdo->kbto" if self.transposed else "btd,kod->kbto"
+            per_token = torch.einsum(eq, a, self.deltas).norm(dim=-1)  # (K, B, T)
+            return reduce_span(per_token.float(), span, self.reduce)
+        span = span.to(a.device, torch.bool)
+        picked = a[span]  # (N, d_in): the span's tokens only
+        if self.transposed:
+            act = torch.einsum("nd,kdo->kno", picked, self.deltas).norm(dim=-1)  # (K, N)
+        else:
+            # one GEMM against all memories stacked: (N, d_in) x (d_in, K * d_out)
+            flat = self.deltas.reshape(k * self.deltas.shape[1], self.deltas.shape[2])
+            act = (picked @ flat.T).view(picked.shape[0], k, -1).norm(dim=-1).T  # (K, N)
+        per_token = torch.zeros((k, *a.shape[:2]), dtype=torch.float32, device=a.device)
+        per_token[:, span] = act.float()
+        return reduce_span(per_token, span, self.reduce)
+
+    @contextlib.contextmanager
+    def hold_route(self) -> Iterator[None]:
+        """Decide the route on the first forward inside this block and keep it for the later ones.
+
+        Greedy decoding routes on the prompt: the first forward sees it (as a serving engine's prefill does),
+        and the decode steps after it, with or without a KV cache, answer from the same memory without
+        scoring every memory again. The held route applies to batches of the first forward's size only.
+        """
+        previous = (self._holding, self._held)
+        self._holding, self._held = True, None
+        try:
+            yield
+        finally:
+            self._holding, self._held = previous
 
     def route(self, a: torch.Tensor) -> torch.Tensor:
         """Index of the answering memory per sequence (B,), -1 for the main memory."""
@@ -124,11 +158,20 @@ class RoutedLinear(nn.Module):
         if self.deltas.shape[0] == 0 or not self._routing_enabled:
             self.last_ratio = torch.zeros(batch, device=a.device)
             return torch.full((batch,), -1, dtype=torch.long, device=a.device)
+        if self._holding and self._held is not None:
+            if self._held.shape[0] != batch:
+                raise ValueError(
+                    f"held route is for {self._held.shape[0]} sequences, this forward has {batch}"
+                )
+            return self._held
         scores = self.scores(a)  # (K, B)
         ratio = scores / self.thresholds.clamp(min=1e-12).unsqueeze(1)  # (K, B)
         best_ratio, best = ratio.max(dim=0)  # (B,)
         self.last_ratio = best_ratio.detach()
-        return torch.where(best_ratio >= 1.0, best, torch.full_like(best, -1))
+        choice = torch.where(best_ratio >= 1.0, best, torch.full_like(best, -1))
+        if self._holding:
+            self._held = choice
+        return choice
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         out = self._project(a, self.weight)  # (B, T, d_out)

@@ -27,3 +27,54 @@ def test_locality_is_agreement_with_pre_edit_argmax_not_with_gold():
 
 def test_mean_of_nothing_is_none_not_zero():
     assert mean([]) is None
+
+
+def _greedy_reference(model, routed, tokens, prompt, max_new_tokens, main_only=False):
+    """Greedy decoding without a cache: the whole sequence again at every step, routed on the prompt's tokens."""
+    prompt_ids = list(tokens.prompt(prompt))
+    ids = list(prompt_ids)
+    for _ in range(max_new_tokens):
+        inp = torch.tensor([ids])
+        span = torch.zeros_like(inp, dtype=torch.bool)
+        span[0, : len(prompt_ids)] = True
+        with torch.no_grad(), routed.main_only() if main_only else routed.query_span(span):
+            nxt = int(model(input_ids=inp, use_cache=False).logits[0, -1].argmax())
+        if nxt == tokens.tokenizer.eos_token_id:
+            break
+        ids.append(nxt)
+    return tokens.tokenizer.decode(ids[len(prompt_ids) :], skip_special_tokens=True)
+
+
+def test_cached_greedy_generation_with_held_route_equals_full_recompute(
+    tiny_model, tiny_tokenizer, edits, pool
+):
+    # greedy_generate decides the route at the prefill and decodes with a KV cache; it must produce exactly the
+    # continuation of re-reading the whole sequence at every step with the prompt as the query span
+    from wise.batch import Tokens
+    from wise.evaluate import greedy_generate
+    from wise.router import RoutedLinear
+
+    mlp = tiny_model.model.layers[2].mlp
+    routed = RoutedLinear(mlp.down_proj)
+    mlp.down_proj = routed
+    tokens = Tokens(tiny_tokenizer)
+    prompts = [e.prompt for e in edits] + [p for p, _ in pool]
+    torch.manual_seed(7)
+    deltas = torch.randn(3, *routed.weight.shape) * 2.0
+    routed.set_memories(deltas, torch.ones(3))
+    scores = []
+    for p in prompts:  # place thresholds so that about half of the prompts route to a side memory
+        with torch.no_grad():
+            tiny_model(input_ids=torch.tensor([list(tokens.prompt(p))]))
+        scores.append(routed.last_ratio.item())
+    routed.set_memories(deltas, torch.ones(3) * float(torch.tensor(scores).median()))
+    routes, differs = [], 0
+    for p in prompts:
+        got = greedy_generate(tiny_model, routed, tokens, p, 6)
+        routes.append(routed.last_choice.item())
+        assert got == _greedy_reference(tiny_model, routed, tokens, p, 6), p
+        main = greedy_generate(tiny_model, routed, tokens, p, 6, main_only=True)
+        assert main == _greedy_reference(tiny_model, routed, tokens, p, 6, main_only=True), p
+        differs += got != main
+    assert min(routes) == -1 and max(routes) >= 0  # both kinds of route were exercised
+    assert differs  # and the side memories change what is generated

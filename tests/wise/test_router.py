@@ -1,7 +1,8 @@
+import pytest
 import torch
 from torch import nn
 
-from wise.router import RoutedLinear, reduce_span
+from wise.router import RoutedLinear, reduce_span, token_activation
 
 
 def _routed(deltas, thresholds, reduce="mean"):
@@ -70,3 +71,47 @@ def test_main_only_and_empty_memories():
     r.set_memories(torch.zeros(0, 2, 3), torch.zeros(0))
     assert torch.allclose(r(a), a @ r.weight.T)
     assert r.last_choice.tolist() == [-1, -1]
+
+
+@pytest.mark.parametrize("reduce", ["mean", "max", "last"])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_span_scores_equal_per_token_activations_reduced_over_the_span(reduce, transposed):
+    # scores() scores only the span's tokens; it must equal every token's ||Delta a_t|| reduced over the span
+    torch.manual_seed(3)
+    d_out, d_in, k = 4, 6, 5
+    base = nn.Linear(d_in, d_out, bias=False)
+    if transposed:
+        base.weight = nn.Parameter(base.weight.detach().T.contiguous())
+    r = RoutedLinear(base, transposed=transposed, reduce=reduce)
+    deltas = torch.randn(k, *base.weight.shape)
+    r.set_memories(deltas, torch.ones(k))
+    a = torch.randn(3, 7, d_in)
+    span = torch.rand(3, 7) > 0.4
+    span[2] = False  # an empty span scores 0
+    expected = torch.stack([reduce_span(token_activation(a, d, transposed), span, reduce) for d in deltas])
+    with r.query_span(span):
+        got = r.scores(a)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert torch.equal(got[:, 2], torch.zeros(k))
+
+
+def test_hold_route_keeps_the_first_decision_until_the_block_ends():
+    d0 = torch.tensor([[0.0, 0.0, 2.0], [0.0, 0.0, 0.0]])
+    r = _routed([d0], [1.0])
+    to_memory = torch.tensor([[[0.0, 0.0, 1.0]]])
+    to_main = torch.tensor([[[0.0, 1.0, 0.0]]])
+    with r.hold_route():
+        r(to_memory)
+        assert r.last_choice.tolist() == [0]
+        out = r(to_main)  # held: still memory 0, whose contribution on this input is 0
+        assert r.last_choice.tolist() == [0]
+        assert torch.allclose(out, to_main @ r.weight.T)
+        with r.hold_route():  # a nested block decides afresh and restores the outer decision after
+            r(to_main)
+            assert r.last_choice.tolist() == [-1]
+        r(to_main)
+        assert r.last_choice.tolist() == [0]
+        with pytest.raises(ValueError, match="held route is for 1 sequences, this forward has 2"):
+            r(to_main.repeat(2, 1, 1))
+    r(to_main)
+    assert r.last_choice.tolist() == [-1]
