@@ -449,14 +449,22 @@ def quality_benchmark(
             if pre_path.exists():
                 return json.loads(pre_path.read_text())
             pre = evaluate_records(
-                editor.model, editor.routed, editor.tokens, recs, main_only=True, generate=qcfg.generate
+                editor.model,
+                editor.routed,
+                editor.tokens,
+                recs,
+                main_only=True,
+                generate=qcfg.generate,
+                progress=True,
             )
             pre = {k: pre[k] for k in ("teacher_forced", "generate") if k in pre}
             _write_json(pre_path, {"T": len(recs), **pre, **extra})
             return pre
 
         def evaluate(editor, recs, pre_edit=pre_edit):
-            res = evaluate_records(editor.model, editor.routed, editor.tokens, recs, generate=qcfg.generate)
+            res = evaluate_records(
+                editor.model, editor.routed, editor.tokens, recs, generate=qcfg.generate, progress=True
+            )
             return {"pre": pre_edit(editor, recs), **res}
 
         if pre_only:

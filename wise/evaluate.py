@@ -11,7 +11,9 @@ Routing decisions use the prompt's tokens as the query span, as a serving engine
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +21,8 @@ from torch import nn
 
 from wise.batch import IGNORE, Tokens
 from wise.router import RoutedLinear
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -193,6 +197,7 @@ def evaluate_records(
     *,
     main_only: bool = False,
     generate: bool = True,
+    progress: bool = False,
 ) -> dict:
     """Retention over ``records`` (each with prompt/target and optional rephrase and locality fields).
 
@@ -201,6 +206,7 @@ def evaluate_records(
         records: edit records (``streams.EditRecord`` or anything with the same attributes).
         main_only: measure the pre-edit model (main memory only).
         generate: also compute the free-generation variants.
+        progress: log each pass (probes, seconds) at INFO instead of DEBUG, for long evaluations.
 
     Returns:
         ``{"teacher_forced": {reliability, generalization, locality}, "generate": {reliability,
@@ -210,11 +216,28 @@ def evaluate_records(
     rel_pairs, _ = _pairs(records, "prompt")
     gen_pairs, gen_owner = _pairs(records, "rephrase")
     loc_pairs, loc_owner = _pairs(records, "locality")
-    rel = answer_predictions(model, routed, tokens, rel_pairs, main_only=main_only)
-    gen = answer_predictions(model, routed, tokens, gen_pairs, main_only=main_only)
-    loc = answer_predictions(model, routed, tokens, loc_pairs, main_only=main_only)
+    level = logging.INFO if progress else logging.DEBUG
+    model_name = "pre-edit model" if main_only else "edited model"
+
+    def timed(name: str, pairs: Sequence, fn: Callable, **kw):
+        t0 = time.perf_counter()
+        res = fn(model, routed, tokens, pairs, **kw)
+        logger.log(
+            level,
+            "%s, %d records: %s, %d probes, %.1f s",
+            model_name,
+            len(records),
+            name,
+            len(pairs),
+            time.perf_counter() - t0,
+        )
+        return res
+
+    rel = timed("reliability (teacher-forced)", rel_pairs, answer_predictions, main_only=main_only)
+    gen = timed("generalization (teacher-forced)", gen_pairs, answer_predictions, main_only=main_only)
+    loc = timed("locality (teacher-forced)", loc_pairs, answer_predictions, main_only=main_only)
     # the pre-edit reference is the main memory alone: when that is what we measure, it is the same pass
-    loc_ref = loc if main_only else answer_predictions(model, routed, tokens, loc_pairs, main_only=True)
+    loc_ref = loc if main_only else timed("locality reference", loc_pairs, answer_predictions, main_only=True)
     rel_acc, gen_acc, loc_agree = token_accuracy(rel), token_accuracy(gen), agreement(loc, loc_ref)
     out = {
         "teacher_forced": {
@@ -232,8 +255,8 @@ def evaluate_records(
     }
     rel_gen = gen_gen = []
     if generate:
-        rel_gen = generation_hits(model, routed, tokens, rel_pairs, main_only=main_only)
-        gen_gen = generation_hits(model, routed, tokens, gen_pairs, main_only=main_only)
+        rel_gen = timed("reliability (generation)", rel_pairs, generation_hits, main_only=main_only)
+        gen_gen = timed("generalization (generation)", gen_pairs, generation_hits, main_only=main_only)
         out["generate"] = {"reliability": mean(rel_gen), "generalization": mean(gen_gen)}
     per_edit = []
     for i, r in enumerate(records):

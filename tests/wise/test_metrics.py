@@ -78,3 +78,24 @@ def test_cached_greedy_generation_with_held_route_equals_full_recompute(
         differs += got != main
     assert min(routes) == -1 and max(routes) >= 0  # both kinds of route were exercised
     assert differs  # and the side memories change what is generated
+
+
+def test_evaluation_logs_each_pass_at_info_only_when_asked(tiny_model, tiny_tokenizer, edits, caplog):
+    import logging
+
+    from wise.batch import Tokens
+    from wise.evaluate import evaluate_records
+    from wise.router import RoutedLinear
+
+    mlp = tiny_model.model.layers[2].mlp
+    mlp.down_proj = routed = RoutedLinear(mlp.down_proj)
+    tokens = Tokens(tiny_tokenizer)
+    with caplog.at_level(logging.INFO, logger="wise.evaluate"):
+        evaluate_records(tiny_model, routed, tokens, edits, generate=True)
+        assert not caplog.records
+        evaluate_records(tiny_model, routed, tokens, edits, generate=True, progress=True)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 6, lines
+    assert lines[0].startswith("edited model, 4 records: reliability (teacher-forced), 4 probes,")
+    assert lines[1].startswith("edited model, 4 records: generalization (teacher-forced), 3 probes,")
+    assert lines[-1].startswith("edited model, 4 records: generalization (generation), 3 probes,")
