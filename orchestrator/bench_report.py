@@ -7,6 +7,8 @@ Inputs under the results directory:
 - ``speed.json``: ``wisestream bench speed --out ...``; ``shards.json``: ``wisestream bench shards --out ...``;
 - ``serving.json``: ``wisestream bench serving --out ...`` (tokens/s with routing on and off, publish latency); without
   it the section says it has not been measured.
+- ``merges_*.json``: ``wisestream bench merges --out ...`` (routing activations at every merge of a WISE-Merge
+  run); the section is left out when there is none.
 """
 
 from __future__ import annotations
@@ -253,6 +255,47 @@ def _speed_section(results: Path) -> list[str]:
     return lines
 
 
+def _merges_section(results: Path) -> list[str]:
+    """One table per ``merges_*.json`` trace: what each merge did to the routing activations."""
+    traces = [(p, _load(p)) for p in sorted(results.glob("merges_*.json"))]
+    traces = [(p, t) for p, t in traces if t]
+    if not traces:
+        return []
+    lines = [
+        "## WISE-Merge: routing at each merge",
+        "",
+        "Routing activation (mean over the prompt's tokens of ||Delta a||, as the router computes it) of the "
+        "memory each merge group started from, of the group's shards (mean over them) and of the merged "
+        "memory, on unrelated prompts (the locality prompts of the dataset's first records) and on the merged "
+        "memory's own edits; the threshold is act_ratio x the lowest of the latter. Unrelated prompts above the "
+        "threshold are routed to the merged memory.",
+        "",
+    ]
+    for path, trace in traces:
+        r = trace["result"]
+        st = r["settings"]
+        lines += [
+            f"`{trace['command']}` ({r['run']}, {r['edits']} edits, {st['save_freq']}-edit shards merged every "
+            f"{st['merge_freq']} edits, {r['probes']} unrelated prompts; `{path.name}`):",
+            "",
+            "| edits | started from: norm / unrelated | shards: unrelated / own edits | merged: norm | "
+            "merged: unrelated | merged: edits min | threshold | unrelated routed |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for m in r["merges"]:
+            shards, merged = m["shards"], m["merged"]
+            unrel = sum(x["unrelated"] for x in shards) / len(shards)
+            own = sum(x["own_edits"] for x in shards) / len(shards)
+            lines.append(
+                f"| {m['edits']} | {_fmt(m['base']['norm'], 1)} / {_fmt(m['base']['unrelated'], 1)} | "
+                f"{_fmt(unrel, 1)} / {_fmt(own, 1)} | {_fmt(merged['norm'], 1)} | {_fmt(merged['unrelated'], 1)} | "
+                f"{_fmt(merged['edits_min'], 1)} | {_fmt(merged['threshold'], 1)} | "
+                f"{_fmt(merged['unrelated_routed'], 2)} |"
+            )
+        lines += ["", f"Machine: {_machine_line(trace.get('machine'))}.", ""]
+    return lines
+
+
 def render_report(results: str | Path, planned: dict[str, list[int]] | None = None) -> Path:
     """Write ``REPORT.md`` and the ``retention_<dataset>.png`` plots under ``results``; returns the report path.
 
@@ -294,6 +337,7 @@ def render_report(results: str | Path, planned: dict[str, list[int]] | None = No
     for dataset in sorted(quality):
         png = plot_retention(dataset, quality[dataset], results / f"retention_{dataset}.png")
         lines += [f"### {dataset}", "", *quality_table(quality[dataset]), "", f"![{dataset}]({png.name})", ""]
+    lines += _merges_section(results)
     lines += _speed_section(results)
     path = results / "REPORT.md"
     path.write_text("\n".join(lines) + "\n")

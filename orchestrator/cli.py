@@ -93,6 +93,17 @@ def _bench_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_merges(args: argparse.Namespace) -> int:
+    from orchestrator.bench_merges import merge_trace
+    from orchestrator.bench_quality import load_quality_config
+
+    qcfg = load_quality_config(args.config, smoke=args.smoke)
+    result = merge_trace(qcfg, args.run, args.edits, probes=args.probes, overrides=list(args.set or []))
+    _save_result(args, result)
+    sys.stdout.write(json.dumps(result) + "\n")
+    return 0
+
+
 def _bench_layers(args: argparse.Namespace) -> int:
     from orchestrator.bench import layer_scan
 
@@ -224,6 +235,20 @@ def build_parser() -> argparse.ArgumentParser:
         "headline and status tables",
     )
     report.set_defaults(func=_bench_report)
+    merges = bench_sub.add_parser(
+        "merges",
+        help="trace a WISE-Merge run: routing activation of shards and merged memory at every merge",
+    )
+    merges.add_argument("--run", default="wise-merge/zsre", help="METHOD/DATASET of the quality config")
+    merges.add_argument("--edits", type=int, default=30, help="edits to apply (default 30)")
+    merges.add_argument("--probes", type=int, default=60, help="unrelated (locality) prompts measured")
+    merges.add_argument("--config", type=Path, default=Path("configs/bench/quality.yaml"))
+    merges.add_argument("--smoke", action="store_true", help="the quality config's CI size (few steps)")
+    merges.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="WISE setting, e.g. merge_freq=20"
+    )
+    merges.add_argument("--out", help="also write the result (with command and machine) to this JSON file")
+    merges.set_defaults(func=_bench_merges)
     layers = bench_sub.add_parser(
         "layers", help="which layer's activations separate edits from unrelated prompts"
     )

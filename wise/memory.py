@@ -12,6 +12,7 @@ whose shards all start from the main memory).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -120,6 +121,10 @@ class MemoryBank:
     Args:
         cfg: WISE settings (``save_freq``, ``merge_freq``, ``retrieve``, ``merge``, ``act_ratio``).
         transposed: the edited weight is stored (in, out) (GPT-2's Conv1D).
+
+    Attributes:
+        on_merge: called after every merge with the merged group's shards, the task vector they started from
+            (None: the main memory) and the new merged memory; for diagnostics (``wisestream bench merges``).
     """
 
     def __init__(self, cfg: WiseConfig, transposed: bool = False) -> None:
@@ -127,6 +132,7 @@ class MemoryBank:
         self.transposed = transposed
         self.pending: list[Memory] = []
         self.merged: list[Memory] = []
+        self.on_merge: Callable[[list[Memory], torch.Tensor | None, Memory], None] | None = None
 
     def memories(self) -> list[Memory]:
         """Merged then pending memories: the router's order."""
@@ -210,6 +216,8 @@ class MemoryBank:
         else:
             self.merged = [merged]
         self.pending = []
+        if self.on_merge is not None:
+            self.on_merge(group, base, merged)
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors: dict[str, torch.Tensor] = {}

@@ -74,8 +74,49 @@ def test_report_quotes_each_benchmark_record_with_its_command(tmp_path):
     assert "Not measured" not in report and "not measured" not in report
 
 
+def test_report_tabulates_each_merge_trace_with_its_command(tmp_path):
+    def shard(i, unrelated, own):
+        return {"shard": i, "added_norm": 20.0, "unrelated": unrelated, "own_edits": own}
+
+    merges = [
+        {
+            "edits": 4,
+            "base": {"norm": 0.0, "unrelated": 0.0},
+            "shards": [shard(0, 16.0, 36.0), shard(1, 18.0, 34.0)],
+            "merged": {
+                "norm": 40.7,
+                "threshold": 41.1,
+                "edits_min": 46.7,
+                "edits_mean": 52.0,
+                "unrelated": 35.46,
+                "unrelated_routed": 0.0,
+            },
+        }
+    ]
+    _save(
+        tmp_path / "merges_zsre.json",
+        ["bench", "merges", "--edits", "4"],
+        {
+            "run": "wise-merge/zsre",
+            "edits": 4,
+            "probes": 60,
+            "settings": {"save_freq": 2, "merge_freq": 4},
+            "merges": merges,
+        },
+    )
+    report = render_report(tmp_path).read_text()
+    assert "## WISE-Merge: routing at each merge" in report
+    assert (
+        "`wisestream bench merges --edits 4` (wise-merge/zsre, 4 edits, 2-edit shards merged every 4"
+        in report
+    )
+    assert "| 4 | 0.0 / 0.0 | 17.0 / 35.0 | 40.7 | 35.5 | 46.7 | 41.1 | 0.00 |" in report
+    assert report.index("## WISE-Merge") < report.index("## Speed")
+
+
 def test_report_says_what_is_not_measured(tmp_path):
     report = render_report(tmp_path).read_text()
+    assert "## WISE-Merge" not in report  # no trace, no section
     assert "Not measured yet: run `wisestream bench speed" in report
     assert "Edits/s per layout not measured yet" in report
     assert "**Not measured yet.** Serving tokens/s" in report

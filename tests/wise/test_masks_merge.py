@@ -107,3 +107,24 @@ def test_wise_merge_adds_the_merge_of_later_shards_to_the_merged_memory_and_retr
         for j, m in enumerate(rbank.merged)
     )
     assert rbank.base() is None  # WISE-Retrieve shards always start from the main memory
+
+
+def test_on_merge_sees_each_group_its_base_and_the_merged_memory():
+    g = torch.Generator().manual_seed(1)
+    deltas = [torch.randn(4, 6, generator=g) * shard_mask((4, 6), 0.5, "random", 0, i) for i in range(4)]
+    bank = MemoryBank(WiseConfig(save_freq=1, merge_freq=2, retrieve=False))
+    seen = []
+    bank.on_merge = lambda group, base, merged: seen.append(
+        ([m.shard_ids[0] for m in group], None if base is None else base.clone(), merged)
+    )
+    bank.store(_shard(0, deltas[0].clone()))
+    assert not seen  # no merge before the cadence
+    bank.store(_shard(1, deltas[1].clone()))
+    first = bank.merged[0]
+    bank.store(_shard(2, first.delta + deltas[2]))
+    bank.store(_shard(3, first.delta + deltas[3]))
+    assert [s[0] for s in seen] == [[0, 1], [2, 3]]
+    assert seen[0][1] is None and torch.equal(
+        seen[1][1], first.delta
+    )  # the second group started from the first
+    assert seen[0][2] is first and seen[1][2] is bank.merged[0]
