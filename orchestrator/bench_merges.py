@@ -44,13 +44,20 @@ def _settings(spec, overrides: Sequence[str]):
         raise ConfigError("--set: " + "; ".join(msgs)) from None
 
 
-def _mean_scores(delta: torch.Tensor, keys: Sequence[torch.Tensor], transposed: bool) -> list[float]:
+def _mean_scores(
+    delta: torch.Tensor,
+    keys: Sequence[torch.Tensor],
+    transposed: bool,
+    center: torch.Tensor | None = None,
+) -> list[float]:
     """Routing activation of ``delta`` on each prompt (its edited-projection inputs ``keys[i]``: (p_i, d_in)),
-    reduced as the router does with ``router_reduce: mean``."""
+    reduced as the router does with ``router_reduce: mean``; with ``center`` (d_in,), of ``a - center``."""
     out = []
     with torch.no_grad():
         for k in keys:
             a = k.to(delta.device, delta.dtype)
+            if center is not None:
+                a = a - center.to(a)
             side = a @ delta if transposed else a @ delta.T
             out.append(float(side.float().norm(dim=-1).mean()))
     return out
@@ -77,7 +84,9 @@ def merge_trace(
         ``base`` (norm and mean unrelated activation of the memory the group started from), ``shards`` (per
         shard: norm of what it added, mean activation on unrelated prompts and on its own edits) and
         ``merged`` (norm, threshold, min / mean activation on all its edits, mean activation on unrelated
-        prompts and the fraction of them above the threshold).
+        prompts and the fraction of them above the threshold) and ``centred``: the merged memory's activations
+        on inputs centred on the irrelevant pool's mean prompt activation (what a router that subtracts that
+        mean would see; its threshold is computed the same way).
 
     Raises:
         ConfigError: unknown run, a method that is not WISE-Merge, bad overrides, too few edits for a merge or
@@ -113,6 +122,9 @@ def merge_trace(
     editor = make_editor("wise", settings, model, tokenizer, pool)
     editor.prepare()
     probe_keys = editor.prompt_keys(unrelated)
+    center = None
+    if pool:  # the pool's mean prompt activation: mean over prompts of the mean over their tokens
+        center = torch.stack([k.float().mean(0) for k in editor.prompt_keys([p for p, _ in pool])]).mean(0)
     transposed = editor.bank.transposed
     merges: list[dict[str, Any]] = []
 
@@ -147,6 +159,16 @@ def merge_trace(
                 "unrelated_routed": sum(s > merged.threshold for s in on_probes) / len(on_probes),
             },
         }
+        if center is not None:
+            c_edits = _mean_scores(merged.delta, merged.keys, transposed, center)
+            c_probes = _mean_scores(merged.delta, probe_keys, transposed, center)
+            c_threshold = settings.act_ratio * min(c_edits)
+            row["centred"] = {
+                "threshold": c_threshold,
+                "edits_min": min(c_edits),
+                "unrelated": statistics.fmean(c_probes),
+                "unrelated_routed": sum(s > c_threshold for s in c_probes) / len(c_probes),
+            }
         merges.append(row)
         m = row["merged"]
         logger.info(
@@ -159,6 +181,14 @@ def merge_trace(
             m["edits_min"],
             100 * m["unrelated_routed"],
         )
+        if "centred" in row:
+            c = row["centred"]
+            logger.info(
+                "  centred on the pool's mean activation: unrelated %.1f, edits min %.1f, %.0f%% routed",
+                c["unrelated"],
+                c["edits_min"],
+                100 * c["unrelated_routed"],
+            )
 
     editor.bank.on_merge = on_merge
     for i in range(0, n_edits, settings.merge_freq):

@@ -268,7 +268,9 @@ def _merges_section(results: Path) -> list[str]:
         "memory each merge group started from, of the group's shards (mean over them) and of the merged "
         "memory, on unrelated prompts (the locality prompts of the dataset's first records) and on the merged "
         "memory's own edits; the threshold is act_ratio x the lowest of the latter. Unrelated prompts above the "
-        "threshold are routed to the merged memory.",
+        "threshold are routed to the merged memory. The centred columns measure the merged memory on inputs "
+        "minus the irrelevant pool's mean prompt activation (what a router subtracting that mean would see; "
+        "not what the router does now).",
         "",
     ]
     for path, trace in traces:
@@ -279,18 +281,24 @@ def _merges_section(results: Path) -> list[str]:
             f"{st['merge_freq']} edits, {r['probes']} unrelated prompts; `{path.name}`):",
             "",
             "| edits | started from: norm / unrelated | shards: unrelated / own edits | merged: norm | "
-            "merged: unrelated | merged: edits min | threshold | unrelated routed |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            "merged: unrelated | merged: edits min | threshold | unrelated routed | centred: unrelated / edits "
+            "min / routed |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for m in r["merges"]:
-            shards, merged = m["shards"], m["merged"]
+            shards, merged, c = m["shards"], m["merged"], m.get("centred")
             unrel = sum(x["unrelated"] for x in shards) / len(shards)
             own = sum(x["own_edits"] for x in shards) / len(shards)
+            centred = (
+                f"{_fmt(c['unrelated'], 1)} / {_fmt(c['edits_min'], 1)} / {_fmt(c['unrelated_routed'], 2)}"
+                if c
+                else "–"
+            )
             lines.append(
                 f"| {m['edits']} | {_fmt(m['base']['norm'], 1)} / {_fmt(m['base']['unrelated'], 1)} | "
                 f"{_fmt(unrel, 1)} / {_fmt(own, 1)} | {_fmt(merged['norm'], 1)} | {_fmt(merged['unrelated'], 1)} | "
                 f"{_fmt(merged['edits_min'], 1)} | {_fmt(merged['threshold'], 1)} | "
-                f"{_fmt(merged['unrelated_routed'], 2)} |"
+                f"{_fmt(merged['unrelated_routed'], 2)} | {centred} |"
             )
         lines += ["", f"Machine: {_machine_line(trace.get('machine'))}.", ""]
     return lines

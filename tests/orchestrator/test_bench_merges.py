@@ -5,12 +5,25 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from orchestrator.bench_merges import merge_trace
+from orchestrator.bench_merges import _mean_scores, merge_trace
 from orchestrator.bench_quality import load_quality_config
 from orchestrator.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_scores_are_the_routers_and_centring_subtracts_the_center():
+    g = torch.Generator().manual_seed(0)
+    delta, key = torch.randn(3, 4, generator=g), torch.randn(5, 4, generator=g)
+    expected = float((key @ delta.T).norm(dim=-1).mean())
+    assert _mean_scores(delta, [key], False) == pytest.approx([expected])
+    assert _mean_scores(delta.T.contiguous(), [key], True) == pytest.approx([expected])
+    center = key.mean(0)
+    centred = float(((key - center) @ delta.T).norm(dim=-1).mean())
+    assert _mean_scores(delta, [key], False, center) == pytest.approx([centred])
+    assert _mean_scores(delta, [key[:1]], False, key[0]) == [0.0]
 
 
 @pytest.mark.parametrize(
@@ -59,3 +72,8 @@ def test_trace_of_two_merges_on_the_real_model(monkeypatch, tmp_path):
         assert merged["threshold"] == pytest.approx(act_ratio * merged["edits_min"], rel=1e-3)
         assert 0.0 <= merged["unrelated_routed"] <= 1.0 and merged["edits_mean"] >= merged["edits_min"] > 0
         assert all(s["added_norm"] > 0 and s["own_edits"] > 0 for s in m["shards"])
+        c = m["centred"]  # the benchmark config has an irrelevant pool: its mean is the centre
+        assert (
+            c["threshold"] == pytest.approx(act_ratio * c["edits_min"]) and 0.0 <= c["unrelated_routed"] <= 1
+        )
+        assert c["unrelated"] != pytest.approx(merged["unrelated"], rel=1e-3)

@@ -2,6 +2,7 @@
 number with the command that produced it, and says what has not been measured."""
 
 import argparse
+import json
 
 from orchestrator.bench_report import render_report
 from orchestrator.cli import _save_result
@@ -110,7 +111,15 @@ def test_report_tabulates_each_merge_trace_with_its_command(tmp_path):
         "`wisestream bench merges --edits 4` (wise-merge/zsre, 4 edits, 2-edit shards merged every 4"
         in report
     )
-    assert "| 4 | 0.0 / 0.0 | 17.0 / 35.0 | 40.7 | 35.5 | 46.7 | 41.1 | 0.00 |" in report
+    assert "| 4 | 0.0 / 0.0 | 17.0 / 35.0 | 40.7 | 35.5 | 46.7 | 41.1 | 0.00 | – |" in report
+    merges[0]["centred"] = {"threshold": 30.0, "edits_min": 34.1, "unrelated": 6.25, "unrelated_routed": 0.0}
+    _save(
+        tmp_path / "merges_zsre.json",
+        ["bench", "merges"],
+        {**json.loads((tmp_path / "merges_zsre.json").read_text())["result"], "merges": merges},
+    )
+    report = render_report(tmp_path).read_text()
+    assert "| 4 | 0.0 / 0.0 | 17.0 / 35.0 | 40.7 | 35.5 | 46.7 | 41.1 | 0.00 | 6.2 / 34.1 / 0.00 |" in report
     assert report.index("## WISE-Merge") < report.index("## Speed")
 
 
