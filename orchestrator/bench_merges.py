@@ -3,7 +3,7 @@
 A side memory answers a query when its routing activation ``||Delta a||`` (mean over the query's tokens) is
 above its threshold, ``act_ratio`` x the lowest activation on its own edits. This traces one sequential
 WISE-Merge run of the quality benchmark: at each merge it measures, on the run's own edits and on unrelated
-prompts (the records' locality prompts), the activation of the memory the group started from, of each shard
+prompts (the dataset's locality prompts), the activation of the memory the group started from, of each shard
 of the group, and of the merged memory, with the norms of their task vectors. When the merged memory's
 activation on unrelated prompts comes up to its threshold, the router sends them to it and locality is lost.
 """
@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from orchestrator.bench_quality import QualityConfig, _merge, _records, make_editor, method_settings
-from orchestrator.config import ConfigError, build_config, parse_overrides
+from orchestrator.bench_quality import QualityConfig, _records, make_editor, method_settings
+from orchestrator.config import ConfigError, _format_errors, _set_path, build_config, parse_overrides
+from wise.router import reduce_span, token_activation
 
 logger = logging.getLogger(__name__)
 
@@ -29,37 +30,32 @@ def _settings(spec, overrides: Sequence[str]):
 
     from wise.config import WiseConfig
 
-    tree: dict[str, Any] = {}
+    tree = method_settings(spec).model_dump()
     for key, value in parse_overrides(overrides):
-        node = tree
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    base = method_settings(spec).model_dump()
+        _set_path(tree, key, value)
     try:
-        return WiseConfig.model_validate(_merge(base, tree))
+        return WiseConfig.model_validate(tree)
     except ValidationError as err:
-        msgs = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
-        raise ConfigError("--set: " + "; ".join(msgs)) from None
+        raise ConfigError("--set: " + _format_errors(err)) from None
 
 
-def _mean_scores(
+def _scores(
     delta: torch.Tensor,
     keys: Sequence[torch.Tensor],
     transposed: bool,
+    reduce: str,
     center: torch.Tensor | None = None,
 ) -> list[float]:
-    """Routing activation of ``delta`` on each prompt (its edited-projection inputs ``keys[i]``: (p_i, d_in)),
-    reduced as the router does with ``router_reduce: mean``; with ``center`` (d_in,), of ``a - center``."""
+    """Routing score of ``delta`` on each prompt (its edited-projection inputs ``keys[i]``: (p_i, d_in)), as the
+    router computes it (:func:`~wise.router.token_activation` reduced over the prompt with ``reduce``); with
+    ``center`` (d_in,), on ``a - center``."""
     out = []
     with torch.no_grad():
         for k in keys:
-            a = k.to(delta.device, delta.dtype)
+            a = k.to(delta.device, delta.dtype).unsqueeze(0)
             if center is not None:
                 a = a - center.to(a)
-            side = a @ delta if transposed else a @ delta.T
-            out.append(float(side.float().norm(dim=-1).mean()))
+            out.append(float(reduce_span(token_activation(a, delta, transposed).float(), None, reduce)[0]))
     return out
 
 
@@ -125,16 +121,16 @@ def merge_trace(
     center = None
     if pool:  # the pool's mean prompt activation: mean over prompts of the mean over their tokens
         center = torch.stack([k.float().mean(0) for k in editor.prompt_keys([p for p, _ in pool])]).mean(0)
-    transposed = editor.bank.transposed
+    transposed, reduce = editor.bank.transposed, settings.router_reduce
     merges: list[dict[str, Any]] = []
 
     def unrelated_mean(delta: torch.Tensor) -> float:
-        return statistics.fmean(_mean_scores(delta, probe_keys, transposed))
+        return statistics.fmean(_scores(delta, probe_keys, transposed, reduce))
 
     def on_merge(group, base, merged) -> None:
         start = torch.zeros_like(group[0].delta) if base is None else base
-        on_probes = _mean_scores(merged.delta, probe_keys, transposed)
-        on_edits = _mean_scores(merged.delta, merged.keys, transposed)
+        on_probes = _scores(merged.delta, probe_keys, transposed, reduce)
+        on_edits = _scores(merged.delta, merged.keys, transposed, reduce)
         row = {
             "edits": len(merged.edit_ids),
             "base": {
@@ -146,7 +142,7 @@ def merge_trace(
                     "shard": m.shard_ids[0],
                     "added_norm": float((m.delta - start).norm()),
                     "unrelated": unrelated_mean(m.delta),
-                    "own_edits": statistics.fmean(_mean_scores(m.delta, m.keys, transposed)),
+                    "own_edits": statistics.fmean(_scores(m.delta, m.keys, transposed, reduce)),
                 }
                 for m in group
             ],
@@ -160,8 +156,8 @@ def merge_trace(
             },
         }
         if center is not None:
-            c_edits = _mean_scores(merged.delta, merged.keys, transposed, center)
-            c_probes = _mean_scores(merged.delta, probe_keys, transposed, center)
+            c_edits = _scores(merged.delta, merged.keys, transposed, reduce, center)
+            c_probes = _scores(merged.delta, probe_keys, transposed, reduce, center)
             c_threshold = settings.act_ratio * min(c_edits)
             row["centred"] = {
                 "threshold": c_threshold,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.bench_merges import _mean_scores, merge_trace
+from orchestrator.bench_merges import _scores, merge_trace
 from orchestrator.bench_quality import load_quality_config
 from orchestrator.config import ConfigError
 
@@ -17,13 +17,14 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_scores_are_the_routers_and_centring_subtracts_the_center():
     g = torch.Generator().manual_seed(0)
     delta, key = torch.randn(3, 4, generator=g), torch.randn(5, 4, generator=g)
-    expected = float((key @ delta.T).norm(dim=-1).mean())
-    assert _mean_scores(delta, [key], False) == pytest.approx([expected])
-    assert _mean_scores(delta.T.contiguous(), [key], True) == pytest.approx([expected])
+    per_token = (key @ delta.T).norm(dim=-1)
+    assert _scores(delta, [key], False, "mean") == pytest.approx([float(per_token.mean())])
+    assert _scores(delta, [key], False, "max") == pytest.approx([float(per_token.max())])
+    assert _scores(delta.T.contiguous(), [key], True, "mean") == pytest.approx([float(per_token.mean())])
     center = key.mean(0)
     centred = float(((key - center) @ delta.T).norm(dim=-1).mean())
-    assert _mean_scores(delta, [key], False, center) == pytest.approx([centred])
-    assert _mean_scores(delta, [key[:1]], False, key[0]) == [0.0]
+    assert _scores(delta, [key], False, "mean", center) == pytest.approx([centred])
+    assert _scores(delta, [key[:1]], False, "mean", key[0]) == [0.0]
 
 
 @pytest.mark.parametrize(
