@@ -19,7 +19,7 @@ import torch
 
 from orchestrator.bench_quality import QualityConfig, _records, make_editor, method_settings
 from orchestrator.config import ConfigError, _format_errors, _set_path, build_config, parse_overrides
-from wise.router import reduce_span, token_activation
+from wise.memory import key_scores
 
 logger = logging.getLogger(__name__)
 
@@ -47,16 +47,11 @@ def _scores(
     center: torch.Tensor | None = None,
 ) -> list[float]:
     """Routing score of ``delta`` on each prompt (its edited-projection inputs ``keys[i]``: (p_i, d_in)), as the
-    router computes it (:func:`~wise.router.token_activation` reduced over the prompt with ``reduce``); with
-    ``center`` (d_in,), on ``a - center``."""
-    out = []
+    router computes it (:func:`~wise.memory.key_scores`); with ``center`` (d_in,), on ``a - center``."""
+    if center is not None:
+        keys = [k.float() - center.float() for k in keys]
     with torch.no_grad():
-        for k in keys:
-            a = k.to(delta.device, delta.dtype).unsqueeze(0)
-            if center is not None:
-                a = a - center.to(a)
-            out.append(float(reduce_span(token_activation(a, delta, transposed).float(), None, reduce)[0]))
-    return out
+        return key_scores(delta, list(keys), transposed, reduce).tolist()
 
 
 def merge_trace(

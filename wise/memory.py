@@ -97,14 +97,18 @@ def edit_scores(memory: Memory, transposed: bool, reduce: str) -> torch.Tensor:
         return torch.zeros(0)
     if len(memory.keys) != len(memory.edit_ids):
         raise ValueError(f"memory of shards {memory.shard_ids} holds no routing keys for its edits")
-    delta = memory.delta
+    return key_scores(memory.delta, memory.keys, transposed, reduce)
+
+
+def key_scores(delta: torch.Tensor, keys: list[torch.Tensor], transposed: bool, reduce: str) -> torch.Tensor:
+    """Routing score of ``delta`` on each prompt from its keys (its edited-projection inputs, (p_i, d_in)): (n,)."""
     scores = [
         reduce_span(
             token_activation(k.to(delta.device, delta.dtype).unsqueeze(0), delta, transposed).float(),
             None,
             reduce,
         )[0]
-        for k in memory.keys
+        for k in keys
     ]
     return torch.stack(scores)
 
