@@ -96,6 +96,8 @@ def merge_trace(
     settings = _settings(spec, overrides)
     if settings.retrieve:
         raise ConfigError(f"run {run_name} is WISE-Retrieve (retrieve: true): trace a WISE-Merge run")
+    if probes < 1:
+        raise ConfigError(f"--probes {probes}: measure at least one unrelated prompt")
     if n_edits < settings.merge_freq:
         raise ConfigError(f"--edits {n_edits} is below merge_freq {settings.merge_freq}: no merge would run")
     records = _records(dataset, max(n_edits, probes))

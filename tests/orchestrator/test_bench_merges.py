@@ -46,6 +46,13 @@ def test_trace_refuses_what_it_cannot_trace_with_a_clear_error(monkeypatch, run,
         merge_trace(qcfg, run, edits, overrides=overrides)
 
 
+def test_trace_refuses_zero_probes(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    qcfg = load_quality_config("configs/bench/quality.yaml")
+    with pytest.raises(ConfigError, match="--probes 0: measure at least one unrelated prompt"):
+        merge_trace(qcfg, "wise-merge/zsre", 30, probes=0)
+
+
 @pytest.mark.model
 def test_trace_of_two_merges_on_the_real_model(monkeypatch, tmp_path):
     from orchestrator.cli import main
