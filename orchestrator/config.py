@@ -165,7 +165,7 @@ class CheckpointConfig(_Frozen):
 
 
 class MetricsConfig(_Frozen):
-    """Prometheus metrics of the job (names in ``orchestrator/metrics.py``), served while it runs."""
+    """Prometheus metrics of the job (names in ``orchestrator/telemetry/metrics.py``), served while it runs."""
 
     port: int | None = Field(
         None, ge=0, le=65535, description="serve /metrics on this port; 0: any free port; None: off"
@@ -180,7 +180,7 @@ class MetricsConfig(_Frozen):
 
 
 class PublishConfig(_Frozen):
-    """A pool of vLLM serving replicas the job publishes its side memories to (``actors/serving.py``)."""
+    """A pool of vLLM serving replicas the job publishes its side memories to (``serving/pool.py``)."""
 
     replicas: int = Field(0, ge=0, description="serving replicas (Ray actors running vLLM); 0: no serving")
     every: int = Field(
@@ -209,7 +209,7 @@ class PublishConfig(_Frozen):
 
     @model_validator(mode="after")
     def _key_off_loopback(self) -> PublishConfig:
-        from actors.serving import is_loopback
+        from serving.pool import is_loopback
 
         if self.replicas and not is_loopback(self.host) and not self.api_key_env:
             raise ValueError(

@@ -28,11 +28,11 @@ from orchestrator.checkpoint import CheckpointStore
 from orchestrator.config import JobConfig
 from orchestrator.inputs import EditInput, open_input
 from orchestrator.model_store import resolve_model_path
-from orchestrator.monitor import RetentionMonitor
-from orchestrator.observe import JobObserver
 from orchestrator.report import retention_fields, write_report
 from orchestrator.scheduler import ShardBook
-from orchestrator.sink import FanoutSink, MetricsSink, default_sink
+from orchestrator.telemetry.monitor import RetentionMonitor
+from orchestrator.telemetry.observer import JobObserver
+from orchestrator.telemetry.sinks import FanoutSink, MetricsSink, default_sink
 from streams import EditRecord, EditStream, open_source
 from wise.batch import PromptTooLongError, Tokens
 from wise.editor import compose_state

@@ -16,10 +16,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from actors.serving import ReplicaSpec, ServingError, ServingPool
 from orchestrator.checkpoint import MEMORIES, CheckpointError, read_memory_file
 from orchestrator.config import PublishConfig
 from orchestrator.model_store import resolve_model_path
+from serving.pool import ReplicaSpec, ServingError, ServingPool
 from wise.config import WiseConfig
 from wise.memory import Memory
 from wise.publish import PublishError, ServingSnapshot
@@ -62,7 +62,7 @@ class Publisher:
         model: ``model.name``.
         wise: the job's WISE settings (edited layer, router reduction).
         module_path: the edited projection's path.
-        metrics: the job's :class:`~orchestrator.metrics.JobMetrics` (or None).
+        metrics: the job's :class:`~orchestrator.telemetry.metrics.JobMetrics` (or None).
         version: the last version published before a restart (from the checkpoint).
     """
 
@@ -192,7 +192,7 @@ def load_source(path: str | Path) -> tuple[ServingSnapshot, str | None, WiseConf
 
 
 def _module_path(wise: WiseConfig) -> str:
-    # the serving architectures are Llama-family (actors/vllm_model.py): decoder layers under model.layers
+    # the serving architectures are Llama-family (serving/vllm_model.py): decoder layers under model.layers
     return f"model.layers.{wise.layer}.{wise.module or 'mlp.down_proj'}"
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
-from orchestrator.metrics import VLLM_METRIC_NAMES, exported_names
+from orchestrator.telemetry.metrics import VLLM_METRIC_NAMES, exported_names
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

@@ -87,7 +87,7 @@ class JobProcess:
 
     @staticmethod
     def start(config: Path, out: Path, *extra: str) -> subprocess.Popen:
-        args = [sys.executable, "-m", "orchestrator", "run", str(config), "--set", f"output.dir={out}"]
+        args = [sys.executable, "-m", "wisestream", "run", str(config), "--set", f"output.dir={out}"]
         for e in extra:
             args += ["--set", e]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -194,7 +194,7 @@ def test_an_editor_killed_mid_shard_is_replaced_and_nothing_is_lost(
 
 
 def test_shards_benchmark_prints_edits_per_second_per_layout_and_equal_states(ray_local, job_files, capsys):
-    from orchestrator.cli import main
+    from wisestream.cli import main
 
     args = ["bench", "shards", "--edits", "8", "--layouts", "1x1,1x2,2x1", "--config", str(job_files)]
     assert main(args) == 0

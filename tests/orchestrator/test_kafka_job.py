@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
-from orchestrator.cli import main
 from orchestrator.config import load_config
 from orchestrator.job import run_job
 from streams import HEADER_REASON
 from wise.state import read_state
+from wisestream.cli import main
 
 FAST_GROUP = "{session.timeout.ms: 2000, heartbeat.interval.ms: 200}"
 INVALID = [b"not json", b'{"id": "bad", "prompt": ""}']

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from orchestrator.cli import main
 from orchestrator.config import build_config
 from orchestrator.job import EditJob, JobError, run_job
 from streams import read_dead_letters
+from wisestream.cli import main
 
 REPORT_KEYS = {
     "edits_seen",

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.bench_merges import _scores, merge_trace
-from orchestrator.bench_quality import load_quality_config
+from bench.merges import _scores, merge_trace
+from bench.quality import load_quality_config
 from orchestrator.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,7 +55,7 @@ def test_trace_refuses_zero_probes(monkeypatch):
 
 @pytest.mark.model
 def test_trace_of_two_merges_on_the_real_model(monkeypatch, tmp_path):
-    from orchestrator.cli import main
+    from wisestream.cli import main
 
     monkeypatch.chdir(ROOT)
     out = tmp_path / "merges.json"

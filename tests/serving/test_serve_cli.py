@@ -82,7 +82,7 @@ def test_serve_cli_serves_follows_the_state_and_stops_on_sigterm(tiny_state, tmp
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "serve", "--checkpoint", str(state), "--model", str(model_dir),
+        [sys.executable, "-m", "wisestream", "serve", "--checkpoint", str(state), "--model", str(model_dir),
          "--port", str(port), "--watch", "1", "--max-model-len", "256"],
         stdout=subprocess.PIPE, stderr=log, text=True, env=env,
     )  # fmt: skip
@@ -133,7 +133,7 @@ def test_serve_cli_serves_follows_the_state_and_stops_on_sigterm(tiny_state, tmp
 
 def test_serve_cli_refuses_a_directory_without_a_state(tmp_path):
     res = subprocess.run(
-        [sys.executable, "-m", "orchestrator", "serve", "--checkpoint", str(tmp_path)],
+        [sys.executable, "-m", "wisestream", "serve", "--checkpoint", str(tmp_path)],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert res.returncode != 0
@@ -142,7 +142,7 @@ def test_serve_cli_refuses_a_directory_without_a_state(tmp_path):
 
 def test_serve_cli_refuses_non_loopback_without_key(tmp_path):
     res = subprocess.run(
-        [sys.executable, "-m", "orchestrator", "serve", "--checkpoint", str(tmp_path), "--host", "0.0.0.0"],
+        [sys.executable, "-m", "wisestream", "serve", "--checkpoint", str(tmp_path), "--host", "0.0.0.0"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert res.returncode != 0 and "is not loopback" in res.stderr, res.stderr[-2000:]

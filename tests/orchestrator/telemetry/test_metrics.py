@@ -9,8 +9,8 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-import orchestrator.metrics as metrics_module
-from orchestrator.metrics import JobMetrics, exported_names
+import orchestrator.telemetry.metrics as metrics_module
+from orchestrator.telemetry.metrics import JobMetrics, exported_names
 
 LABELS = {"ray_job_id": "01000000", "model": "m"}
 

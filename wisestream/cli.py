@@ -28,7 +28,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _bench_speed(args: argparse.Namespace) -> int:
-    from orchestrator.bench import speed_benchmark
+    from bench.speed import speed_benchmark
 
     cfg = load_config(args.config, list(args.set or []))
     result = speed_benchmark(cfg, n_edits=args.edits)
@@ -40,7 +40,7 @@ def _bench_speed(args: argparse.Namespace) -> int:
 def _save_result(args: argparse.Namespace, result: dict) -> None:
     """Write a benchmark result with the command and machine, for the report (``--out``)."""
     if args.out:
-        from orchestrator.bench_quality import invoked_command, machine
+        from bench.quality import invoked_command, machine
 
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         record = {"command": invoked_command(args.argv), "machine": machine(), "result": result}
@@ -48,13 +48,13 @@ def _save_result(args: argparse.Namespace, result: dict) -> None:
 
 
 def _bench_quality(args: argparse.Namespace) -> int:
-    from orchestrator.bench_quality import (
+    from bench.quality import (
         invoked_command,
         load_quality_config,
         planned_milestones,
         quality_benchmark,
     )
-    from orchestrator.bench_report import render_report
+    from bench.report import render_report
 
     qcfg = load_quality_config(args.config, smoke=args.smoke)
     if args.out:
@@ -70,8 +70,8 @@ def _bench_quality(args: argparse.Namespace) -> int:
 
 
 def _bench_report(args: argparse.Namespace) -> int:
-    from orchestrator.bench_quality import load_quality_config, planned_milestones
-    from orchestrator.bench_report import render_report
+    from bench.quality import load_quality_config, planned_milestones
+    from bench.report import render_report
 
     qcfg = load_quality_config(args.config)
     planned = planned_milestones(qcfg)
@@ -82,7 +82,7 @@ def _bench_report(args: argparse.Namespace) -> int:
     report = render_report(results, planned)
     sys.stdout.write(f"{report}\n")
     if args.readme:
-        from orchestrator.bench_report import sync_readme
+        from bench.report import sync_readme
 
         try:
             changed = sync_readme(args.readme, report)
@@ -94,8 +94,8 @@ def _bench_report(args: argparse.Namespace) -> int:
 
 
 def _bench_merges(args: argparse.Namespace) -> int:
-    from orchestrator.bench_merges import merge_trace
-    from orchestrator.bench_quality import load_quality_config
+    from bench.merges import merge_trace
+    from bench.quality import load_quality_config
 
     qcfg = load_quality_config(args.config, smoke=args.smoke)
     result = merge_trace(qcfg, args.run, args.edits, probes=args.probes, overrides=list(args.set or []))
@@ -105,7 +105,7 @@ def _bench_merges(args: argparse.Namespace) -> int:
 
 
 def _bench_layers(args: argparse.Namespace) -> int:
-    from orchestrator.bench import layer_scan
+    from bench.speed import layer_scan
 
     cfg = load_config(args.config, list(args.set or []))
     sys.stdout.write(json.dumps(layer_scan(cfg, n_records=args.records)) + "\n")
@@ -113,7 +113,7 @@ def _bench_layers(args: argparse.Namespace) -> int:
 
 
 def _bench_shards(args: argparse.Namespace) -> int:
-    from orchestrator.bench_shards import shards_benchmark
+    from bench.shards import shards_benchmark
 
     cfg = load_config(args.config, list(args.set or []))
     layouts = tuple(tuple(int(x) for x in item.split("x")) for item in args.layouts.split(","))
@@ -177,7 +177,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _bench_serving(args: argparse.Namespace) -> int:
-    from orchestrator.bench_serving import serving_benchmark
+    from bench.serving import serving_benchmark
 
     result = serving_benchmark(
         args.checkpoint, replicas=args.replicas, requests=args.requests, max_tokens=args.max_tokens
@@ -330,9 +330,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"config error: {err}\n")
         return 2
     except Exception as err:  # user-facing boundary: one clear line, details in --verbose
-        from actors.serving import ServingError
         from orchestrator.job import JobError
         from orchestrator.publish import ServeError
+        from serving.pool import ServingError
         from streams import StreamError
         from wise.publish import PublishError
 

@@ -17,9 +17,9 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from actors.serving import ServingPool
 from orchestrator.config import PublishConfig
 from orchestrator.publish import ServeError, load_source, replica_spec
+from serving.pool import ServingPool
 from wise.publish import ServingSnapshot
 
 logger = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ after construction): the edited projection (``hf_config.wise_layer`` / ``wise_mo
 
 - ``weight``: the main memory, loaded by name from the pretrained checkpoint;
 - ``deltas`` (capacity, d_out, d_in) and ``thresholds`` (capacity,): the side memories, filled by a publish
-  (:mod:`actors.vllm_worker`), of which the first ``count`` are live.
+  (:mod:`serving.vllm_worker`), of which the first ``count`` are live.
 
 Routing (Eq. 4) follows :func:`wise.publish.route_flat`: vLLM lays the batch's sequences end to end; the forward
 context's ``query_start_loc`` gives the segments, so a prefill routes on its whole prompt and a decode step on
@@ -37,7 +37,7 @@ def register() -> None:
 
     for name in ARCHITECTURES:
         if name not in ModelRegistry.get_supported_archs():
-            ModelRegistry.register_model(name, f"actors.vllm_model:{name}")
+            ModelRegistry.register_model(name, f"serving.vllm_model:{name}")
 
 
 class WiseRoutedProjection(nn.Module):
@@ -167,7 +167,7 @@ def _routed_class(base_name: str) -> type:
 
 
 def __getattr__(name: str) -> type:
-    # vLLM resolves "actors.vllm_model:WiseLlamaForCausalLM" with getattr: build the class on first use, so
+    # vLLM resolves "serving.vllm_model:WiseLlamaForCausalLM" with getattr: build the class on first use, so
     # importing this module (e.g. for register()) does not import vLLM's model code.
     if name in ARCHITECTURES:
         cls = _routed_class(ARCHITECTURES[name])

@@ -1,5 +1,5 @@
 """Where continuous retention measurements go: logged and appended to a JSONL file next to the report, and
-(through :class:`FanoutSink`) to the job's Prometheus metrics (:class:`orchestrator.metrics.JobMetrics`)."""
+(through :class:`FanoutSink`) to the job's Prometheus metrics (:class:`orchestrator.telemetry.metrics.JobMetrics`)."""
 
 from __future__ import annotations
 

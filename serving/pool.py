@@ -2,8 +2,8 @@
 
 Each :class:`ServingReplica` is a Ray actor that owns one vLLM engine (``AsyncLLM``) and serves vLLM's own
 OpenAI-compatible app (``/v1/completions``, ``/v1/models``, ``/metrics``, ...) from the same event loop. The
-engine runs the routed architecture of :mod:`actors.vllm_model`; a publish goes through the engine handle the
-actor owns (``collective_rpc`` into :mod:`actors.vllm_worker`), never over HTTP: vLLM's runtime-control
+engine runs the routed architecture of :mod:`serving.vllm_model`; a publish goes through the engine handle the
+actor owns (``collective_rpc`` into :mod:`serving.vllm_worker`), never over HTTP: vLLM's runtime-control
 endpoints (``VLLM_SERVER_DEV_MODE``) are forced off. Binding anything but loopback requires an API key, and
 then every path but ``/health``, ``/ping`` and ``/metrics`` requires it (vLLM's own check guards only ``/v1``).
 
@@ -104,7 +104,7 @@ class ReplicaSpec:
             "--dtype", self.dtype,
             "--max-model-len", str(self.max_model_len),
             "--hf-overrides", json.dumps(overrides),
-            "--worker-extension-cls", "actors.vllm_worker.WiseWorkerExtension",
+            "--worker-extension-cls", "serving.vllm_worker.WiseWorkerExtension",
             "--no-enable-prefix-caching",
             "--no-enable-chunked-prefill",
             "--enforce-eager",
@@ -272,7 +272,7 @@ class ServingPool:
         spec: replica settings; every replica takes the first free port from ``spec.port`` on its node (replicas
             sharing a machine get ``port``, ``port + 1``, ...), or any free port when 0.
         replicas: K.
-        metrics: optional :class:`orchestrator.metrics.JobMetrics`-like sink: ``publish_succeeded(replica,
+        metrics: optional :class:`orchestrator.telemetry.metrics.JobMetrics`-like sink: ``publish_succeeded(replica,
             version, seconds)``, ``publish_failed(replica, error)``, and ``edits_served(edit_ids, version)``
             once the first replica serves a version (freshness).
     """

@@ -19,7 +19,7 @@ class WiseWorkerExtension:
     """Methods vLLM adds to its worker class (``self`` is the worker)."""
 
     def _wise_modules(self) -> list:
-        from actors.vllm_model import WiseRoutedProjection
+        from serving.vllm_model import WiseRoutedProjection
 
         model = self.model_runner.model
         mods = [m for m in model.modules() if isinstance(m, WiseRoutedProjection)]

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from orchestrator.bench_quality import QualityConfig, _records, make_editor, method_settings
+from bench.quality import QualityConfig, _records, make_editor, method_settings
 from orchestrator.config import ConfigError, _format_errors, _set_path, build_config, parse_overrides
 from wise.memory import key_scores
 

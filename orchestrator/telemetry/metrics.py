@@ -346,7 +346,7 @@ class JobMetrics:
         self._retention_ts.labels(**self.labels, scope=scope).set(time.time() if at is None else at)
 
     def record(self, measurement: Mapping[str, Any]) -> None:
-        """:class:`~orchestrator.sink.MetricsSink`: a continuous retention measurement (its ``recent`` part, when
+        """:class:`~orchestrator.telemetry.sinks.MetricsSink`: a continuous retention measurement (its ``recent`` part, when
         present, sets scope ``recent``) or a Kafka lag entry (``kind: "lag"``)."""
         if measurement.get("kind") == "lag":
             self.consumer_lag(measurement["lag"])

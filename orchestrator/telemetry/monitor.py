@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from orchestrator.config import EvalConfig
-from orchestrator.sink import MetricsSink
+from orchestrator.telemetry.sinks import MetricsSink
 
 logger = logging.getLogger(__name__)
 

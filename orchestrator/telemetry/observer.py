@@ -4,7 +4,7 @@ Editor and evaluator actors report their progress to the driver (finished edits,
 the driver exports the editing metrics for the whole job from one ``/metrics`` endpoint: actors export nothing
 themselves, and Prometheus needs no address of theirs. Ray's own system metrics (actor states, object store,
 CPU/GPU per node) come from Ray's metrics export port on each node (README, "Metrics"). Names live in
-:mod:`orchestrator.metrics`.
+:mod:`orchestrator.telemetry.metrics`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from orchestrator.config import ConfigError, JobConfig
-from orchestrator.metrics import JobMetrics
-from orchestrator.monitor import window_retention
 from orchestrator.scheduler import ShardBook
+from orchestrator.telemetry.metrics import JobMetrics
+from orchestrator.telemetry.monitor import window_retention
 from streams import EditRecord
 from wise.memory import Memory, MemoryBank
 from wise.trainer import EditOutcome
@@ -37,7 +37,7 @@ def stream_name(cfg: JobConfig, python_records: bool) -> str:
 
 
 class JobObserver:
-    """Feeds the job's state into its :class:`~orchestrator.metrics.JobMetrics` and serves it.
+    """Feeds the job's state into its :class:`~orchestrator.telemetry.metrics.JobMetrics` and serves it.
 
     Args:
         cfg: the job configuration (``metrics``, ``eval.recent``, ``model.name``).

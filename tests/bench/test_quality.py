@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.bench_quality import (
+from bench.quality import (
     load_quality_config,
     method_settings,
     milestone_path,
@@ -186,7 +186,7 @@ def test_a_dataset_shorter_than_a_milestone_ends_at_its_last_valid_edit(tmp_path
 
 @pytest.mark.model
 def test_smoke_benchmark_runs_end_to_end(tmp_path):
-    from orchestrator.cli import main
+    from wisestream.cli import main
 
     out = tmp_path / "results"
     # the pre-edit model alone first (what can run beside a long editing run): no edit, no method result

@@ -4,8 +4,8 @@ number with the command that produced it, and says what has not been measured.""
 import argparse
 import json
 
-from orchestrator.bench_report import render_report
-from orchestrator.cli import _save_result
+from bench.report import render_report
+from wisestream.cli import _save_result
 
 
 def _save(path, argv, result):
@@ -159,7 +159,7 @@ def _report_with(status_row: str, headline_row: str) -> str:
 
 
 def test_readme_block_is_rewritten_from_the_report_and_prose_around_it_is_kept(tmp_path):
-    from orchestrator.bench_report import README_BEGIN, README_END, readme_tables, sync_readme
+    from bench.report import README_BEGIN, README_END, readme_tables, sync_readme
 
     readme = tmp_path / "README.md"
     readme.write_text(
@@ -182,7 +182,7 @@ def test_readme_block_is_rewritten_from_the_report_and_prose_around_it_is_kept(t
 def test_readme_without_the_markers_is_an_error_naming_them(tmp_path):
     import pytest
 
-    from orchestrator.bench_report import README_BEGIN, sync_readme
+    from bench.report import README_BEGIN, sync_readme
 
     (tmp_path / "README.md").write_text("# x\n")
     (tmp_path / "REPORT.md").write_text(_report_with("| a | 1 | – |", "| z | 1 | m | 0.1 |"))
@@ -195,7 +195,7 @@ def test_committed_readme_quotes_the_committed_report():
     README.md`` rewrites them): a results change without the README fails here."""
     from pathlib import Path
 
-    from orchestrator.bench_report import quoted_tables, readme_tables
+    from bench.report import quoted_tables, readme_tables
 
     root = Path(__file__).resolve().parents[2]
     _, tables = readme_tables((root / "README.md").read_text())

@@ -85,8 +85,8 @@ def reference(wise_run):
 
 @pytest.fixture(scope="module")
 def pool(wise_run, ray_local):
-    from actors.serving import ReplicaSpec, ServingPool
     from orchestrator.model_store import resolve_model_path
+    from serving.pool import ReplicaSpec, ServingPool
     from wise.publish import ServingSnapshot
     from wise.state import read_state
 
@@ -241,7 +241,7 @@ def test_api_key_guards_every_path_but_health(pool):
 
 
 def test_non_loopback_bind_requires_an_api_key():
-    from actors.serving import ReplicaSpec, ServingError, ServingPool
+    from serving.pool import ReplicaSpec, ServingError, ServingPool
 
     with pytest.raises(ServingError, match="requires an API key"):
         ServingPool(ReplicaSpec(model="m", layer=1, host="0.0.0.0"))
