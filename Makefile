@@ -75,8 +75,7 @@ bench-speed: model
 
 # The benchmark report (benchmarks/results/REPORT.md): quality runs up to T=100 first, speed, layouts and serving
 # (on the default job's state: `make run` resumes it and applies nothing once it has finished), then the long runs
-# (hours on CPU; rerunning resumes and never recomputes a finished milestone), then the report and the README's
-# quoted tables.
+# (hours on CPU; rerunning resumes and never recomputes a finished milestone), then the report.
 bench: model
 	$(PY) -m wisestream bench quality --max-t 100
 	$(PY) -m wisestream bench speed --edits 3 --set wise.save_freq=5 --set wise.merge_freq=5 --out benchmarks/results/speed.json
@@ -84,7 +83,7 @@ bench: model
 	$(PY) -m wisestream run configs/default.yaml
 	$(PY) -m wisestream bench serving --checkpoint runs/default --out benchmarks/results/serving.json
 	$(PY) -m wisestream bench quality
-	$(PY) -m wisestream bench report --readme README.md
+	$(PY) -m wisestream bench report
 
 # a few minutes: T = 1, 2 with few steps, under benchmarks/smoke/ (what CI runs)
 bench-smoke: model

@@ -86,7 +86,7 @@ def quality_table(by_method: dict[str, dict[int, dict]]) -> list[str]:
 
 def headline_table(quality: dict[str, dict[str, dict[int, dict]]]) -> list[str]:
     """Per dataset, every method at the largest T that all methods have reached, and at the largest T each has
-    reached (the README quotes it)."""
+    reached."""
     lines = [
         "| dataset | T | method | " + " | ".join(h for _, _, h in METRICS) + " | s/edit |",
         "|" + " --- |" * (len(METRICS) + 4),
@@ -350,65 +350,3 @@ def render_report(results: str | Path, planned: dict[str, list[int]] | None = No
     path = results / "REPORT.md"
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-README_BEGIN = "<!-- quality-table: quoted from benchmarks/results/REPORT.md -->"
-README_END = "<!-- /quality-table -->"
-QUOTED_SECTIONS = ("## Headline", "## Status")
-
-
-def _section_table(report: str, heading: str) -> list[str]:
-    """The Markdown table under the report's section whose heading starts with ``heading``."""
-    lines = report.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.startswith(heading)), None)
-    if start is None:
-        raise ValueError(f"the report has no section starting with {heading!r}")
-    table: list[str] = []
-    for line in lines[start + 1 :]:
-        if line.startswith("|"):
-            table.append(line)
-        elif table or line.startswith("#"):
-            break
-    if not table:
-        raise ValueError(f"the report's section {heading!r} has no table")
-    return table
-
-
-def quoted_tables(report: str) -> list[list[str]]:
-    """The tables the README quotes from the report: the headline, then the status of every run."""
-    return [_section_table(report, h) for h in QUOTED_SECTIONS]
-
-
-def readme_tables(readme: str) -> tuple[list[str], list[list[str]]]:
-    """The README's quoted block: its prose (lines before the first table) and its tables."""
-    if README_BEGIN not in readme or README_END not in readme:
-        raise ValueError(f"the README has no block between {README_BEGIN!r} and {README_END!r}")
-    block = readme.split(README_BEGIN, 1)[1].split(README_END, 1)[0].strip("\n").splitlines()
-    first = next((i for i, line in enumerate(block) if line.startswith("|")), len(block))
-    tables: list[list[str]] = []
-    for line in block[first:]:
-        if line.startswith("|"):
-            if not tables or not tables[-1]:
-                tables.append([])
-            tables[-1].append(line)
-        elif tables and tables[-1]:
-            tables.append([])
-    return block[:first], [t for t in tables if t]
-
-
-def sync_readme(readme: str | Path, report: str | Path) -> bool:
-    """Rewrite the README's quoted block with the report's headline and status tables, keeping the block's
-    prose; returns whether the file changed."""
-    readme, report = Path(readme), Path(report)
-    text = readme.read_text()
-    prose, _ = readme_tables(text)
-    tables = quoted_tables(report.read_text())
-    body = [*prose]
-    for table in tables:
-        body += [*table, ""]
-    head, rest = text.split(README_BEGIN, 1)
-    tail = rest.split(README_END, 1)[1]
-    new = head + README_BEGIN + "\n" + "\n".join(body) + README_END + tail
-    if new != text:
-        readme.write_text(new)
-    return new != text

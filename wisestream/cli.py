@@ -81,15 +81,6 @@ def _bench_report(args: argparse.Namespace) -> int:
         return 1
     report = render_report(results, planned)
     sys.stdout.write(f"{report}\n")
-    if args.readme:
-        from bench.report import sync_readme
-
-        try:
-            changed = sync_readme(args.readme, report)
-        except (OSError, ValueError) as err:
-            sys.stderr.write(f"error: {args.readme}: {err}\n")
-            return 1
-        sys.stdout.write(f"{args.readme}: {'tables updated' if changed else 'already quotes the report'}\n")
     return 0
 
 
@@ -229,11 +220,6 @@ def build_parser() -> argparse.ArgumentParser:
     report = bench_sub.add_parser("report", help="render REPORT.md and plots from the results files")
     report.add_argument("--config", type=Path, default=Path("configs/bench/quality.yaml"))
     report.add_argument("--results", help="results directory (default: the config's output)")
-    report.add_argument(
-        "--readme",
-        help="also rewrite this README's quoted block (between the quality-table markers) with the report's "
-        "headline and status tables",
-    )
     report.set_defaults(func=_bench_report)
     merges = bench_sub.add_parser(
         "merges",
