@@ -333,7 +333,7 @@ def render_report(results: str | Path, planned: dict[str, list[int]] | None = No
         "## Quality: sequential editing, retention over all T edits",
         "",
         "Model: SmolLM2-135M-Instruct (fp32), edited layer 23 (`mlp.down_proj`) for every method. Metrics as in "
-        "the literature (`../../data/README.md` is the project's copy of the definitions): Rel / Gen are the "
+        "the literature (defined in `../../docs/report.md`): Rel / Gen are the "
         "teacher-forced token accuracy of the target after the edit prompt / its rephrase, Loc the fraction of "
         "the locality answer's tokens whose argmax is unchanged from the pre-edit model; the (gen.) columns ask "
         "whether the greedy continuation contains the target. Each T is measured on the state after the "

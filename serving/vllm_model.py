@@ -138,7 +138,7 @@ def _install_routed(model: nn.Module, config) -> WiseRoutedProjection:
     if getattr(stock, "tp_size", 1) != 1:
         raise NotImplementedError(
             "tensor parallelism shards the edited projection's input; routing needs the all-reduced "
-            "activation norm (see README, 'Serving on GPU'): run with tensor_parallel_size=1"
+            "activation norm (see docs/serving.md, 'On GPU'): run with tensor_parallel_size=1"
         )
     routed = WiseRoutedProjection(
         in_f,

@@ -5,7 +5,7 @@ and serves it over HTTP on ``metrics.host:metrics.port`` while it runs (:meth:`J
 carries the labels ``ray_job_id`` (the Ray job the driver runs in) and ``model`` (``model.name``); serving
 series add ``replica``. Editing metrics are measured on the driver from what the editor and evaluator actors
 report, so they reach Prometheus without the actors exporting anything; Ray's own system metrics (actors,
-object store, CPU/GPU per node) come from Ray's metrics export port on each node (README, "Metrics").
+object store, CPU/GPU per node) come from Ray's metrics export port on each node (docs/metrics.md).
 
 Names (all prefixed ``wisestream_``; counters end in ``_total`` on the wire):
 

@@ -3,7 +3,7 @@
 Editor and evaluator actors report their progress to the driver (finished edits, shards, measurements), so
 the driver exports the editing metrics for the whole job from one ``/metrics`` endpoint: actors export nothing
 themselves, and Prometheus needs no address of theirs. Ray's own system metrics (actor states, object store,
-CPU/GPU per node) come from Ray's metrics export port on each node (README, "Metrics"). Names live in
+CPU/GPU per node) come from Ray's metrics export port on each node (docs/metrics.md). Names live in
 :mod:`orchestrator.telemetry.metrics`.
 """
 
