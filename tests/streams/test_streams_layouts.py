@@ -118,6 +118,8 @@ def test_unknown_layout_lists_choices() -> None:
         ("zsre_irrelevant_200.json", "zsre", 200),
         ("counterfact_100.json", "counterfact", 100),
         ("counterfact_irrelevant_400.json", "counterfact", 400),
+        ("counterfact_dev_1k.json", "counterfact", 1000),
+        ("counterfact_long.json", "counterfact", 9000),
     ],
 )
 def test_shipped_samples_parse_completely(name: str, layout: str, count: int) -> None:
@@ -126,3 +128,19 @@ def test_shipped_samples_parse_completely(name: str, layout: str, count: int) ->
     records = [LAYOUTS[layout].to_record(row, index, LIMITS) for index, row in enumerate(rows)]
     assert all(record.rephrase and record.locality_text() for record in records)
     assert len({r.id for r in records}) == count
+
+
+@pytest.mark.parametrize(("name", "count"), [("nearmiss_dev.jsonl", 70), ("nearmiss_test.jsonl", 70)])
+def test_nearmiss_halves_parse_and_their_probes_differ_from_the_targets(name: str, count: int) -> None:
+    lines = (DATA / name).read_text(encoding="utf-8").splitlines()
+    records = [LAYOUTS["canonical"].to_record(json.loads(line), i, LIMITS) for i, line in enumerate(lines)]
+    assert len(records) == count and len({r.prompt for r in records}) == count
+    assert all(r.subject and r.rephrase and r.locality_prompt for r in records)
+    assert all(r.locality_answer != r.target for r in records)
+
+
+def test_irrelevant_pool_parses_and_pairs_each_prompt_with_its_answer() -> None:
+    lines = (DATA / "irrelevant_pool.jsonl").read_text(encoding="utf-8").splitlines()
+    records = [LAYOUTS["canonical"].to_record(json.loads(line), i, LIMITS) for i, line in enumerate(lines)]
+    assert len(records) == 400 and len({r.prompt for r in records}) == 400
+    assert all((r.locality_prompt, r.locality_answer) == (r.prompt, r.target) for r in records)
