@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from wise.state import atomic_write
+
+
+def format_number(value: float | None, digits: int = 3, missing: str = "-") -> str:
+    """A measurement for people (logs, terminal and markdown tables): ``digits`` decimals, ``missing`` for None."""
+    return missing if value is None else f"{value:.{digits}f}"
+
 
 def write_report(report: dict[str, Any], path: Path) -> None:
-    """Write the report atomically as indented JSON."""
+    """Write the report atomically (temporary file, fsync, rename) as indented JSON."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".report.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(report, fh, indent=1)
-    os.replace(tmp, path)
+    atomic_write(path, lambda p: Path(p).write_text(json.dumps(report, indent=1)))
 
 
 def retention_fields(result: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
@@ -48,10 +50,6 @@ def retention_fields(result: dict[str, Any], meta: dict[str, Any]) -> dict[str, 
     }
 
 
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
-
-
 def render_summary(report: dict[str, Any], console: Console | None = None) -> None:
     """Print the before/after retention table and the run's counters."""
     console = console or Console()
@@ -61,23 +59,23 @@ def render_summary(report: dict[str, Any], console: Console | None = None) -> No
     table.add_column("after", justify="right")
     pre, post = report["pre"], report["retention"]
     for key in ("reliability", "generalization", "locality"):
-        table.add_row(f"{key} (teacher-forced)", _fmt(pre.get(key)), _fmt(post.get(key)))
+        table.add_row(f"{key} (teacher-forced)", format_number(pre.get(key)), format_number(post.get(key)))
     if report.get("retention_generate"):
         for key in ("reliability", "generalization"):
             table.add_row(
                 f"{key} (generation)",
-                _fmt((report.get("pre_generate") or {}).get(key)),
-                _fmt(report["retention_generate"].get(key)),
+                format_number((report.get("pre_generate") or {}).get(key)),
+                format_number(report["retention_generate"].get(key)),
             )
     console.print(table)
     rf = report["routed_fraction"]
     console.print(
         f"edits seen {report['edits_seen']}, applied {report['edits_applied']}, dead-lettered "
-        f"{report['dead_lettered']}; {_fmt(report['seconds_per_edit'])} s/edit, wall {report['wall_seconds']:.1f} s"
+        f"{report['dead_lettered']}; {format_number(report['seconds_per_edit'])} s/edit, wall {report['wall_seconds']:.1f} s"
     )
     console.print(
-        f"routed to side memory: edits {_fmt(rf.get('edit'))}, rephrases {_fmt(rf.get('rephrase'))}, "
-        f"locality prompts {_fmt(rf.get('locality'))}"
+        f"routed to side memory: edits {format_number(rf.get('edit'))}, rephrases {format_number(rf.get('rephrase'))}, "
+        f"locality prompts {format_number(rf.get('locality'))}"
     )
     if "duplicates_applied" in report:
         resumed = report.get("resumed_from")
