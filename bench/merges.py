@@ -83,7 +83,7 @@ def merge_trace(
         ConfigError: unknown run, a method that is not WISE-Merge, bad overrides, too few edits for a merge or
             in the dataset.
     """
-    from orchestrator.job import irrelevant_pool
+    from orchestrator.inputs import irrelevant_pool
     from orchestrator.model_store import load_model
 
     runs = {r.name: r for r in qcfg.runs}

@@ -408,7 +408,7 @@ def quality_benchmark(
     Returns:
         Milestones evaluated by this call, per run name.
     """
-    from orchestrator.job import irrelevant_pool
+    from orchestrator.inputs import irrelevant_pool
     from orchestrator.model_store import load_model
     from wise.evaluate import evaluate_records
 

@@ -26,40 +26,24 @@ from actors.replica import ModelSpec
 from orchestrator import cluster
 from orchestrator.checkpoint import CheckpointStore
 from orchestrator.config import JobConfig
-from orchestrator.inputs import EditInput, open_input
+from orchestrator.errors import JobError
+from orchestrator.inputs import EditInput, irrelevant_pool, open_input
 from orchestrator.model_store import resolve_model_path
 from orchestrator.report import retention_fields, write_report
 from orchestrator.scheduler import ShardBook
 from orchestrator.telemetry.monitor import RetentionMonitor
 from orchestrator.telemetry.observer import JobObserver
 from orchestrator.telemetry.sinks import FanoutSink, MetricsSink, default_sink
-from streams import EditRecord, EditStream, open_source
+from streams import EditRecord
 from wise.batch import PromptTooLongError, Tokens
 from wise.editor import compose_state
 from wise.memory import Memory, MemoryBank
 from wise.state import write_state
 from wise.trainer import check_edit
 
+__all__ = ["EditJob", "JobError", "run_job", "spread"]
+
 logger = logging.getLogger(__name__)
-
-
-class JobError(RuntimeError):
-    """The job cannot start or continue (missing input, unusable model, too many editor failures)."""
-
-
-def irrelevant_pool(cfg: JobConfig) -> list[tuple[str, str]]:
-    """Locality pairs of the records in ``irrelevant.path`` (records that are not edited)."""
-    if cfg.irrelevant.path is None:
-        return []
-    pool: list[tuple[str, str]] = []
-    for _, rec in EditStream(open_source(cfg.irrelevant.path, cfg.irrelevant.format)):
-        if rec.locality_prompt and rec.locality_answer:
-            pool.append((rec.locality_prompt, rec.locality_answer))
-        if len(pool) >= cfg.irrelevant.limit:
-            break
-    if not pool:
-        raise JobError(f"irrelevant.path={cfg.irrelevant.path} holds no locality pairs")
-    return pool
 
 
 def _edit(rec: EditRecord) -> Edit:
