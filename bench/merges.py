@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from bench.quality import QualityConfig, _records, make_editor, method_settings
-from orchestrator.config import ConfigError, _format_errors, _set_path, build_config, parse_overrides
+from bench.quality import QualityConfig, dataset_records, make_editor, method_settings
+from orchestrator.config import ConfigError, build_config, format_errors, parse_overrides, set_path
 from wise.memory import key_scores
 
 logger = logging.getLogger(__name__)
@@ -32,11 +32,11 @@ def _settings(spec, overrides: Sequence[str]):
 
     tree = method_settings(spec).model_dump()
     for key, value in parse_overrides(overrides):
-        _set_path(tree, key, value)
+        set_path(tree, key, value)
     try:
         return WiseConfig.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError("--set: " + _format_errors(err)) from None
+        raise ConfigError("--set: " + format_errors(err)) from None
 
 
 def _scores(
@@ -83,7 +83,7 @@ def merge_trace(
         ConfigError: unknown run, a method that is not WISE-Merge, bad overrides, too few edits for a merge or
             in the dataset.
     """
-    from orchestrator.job import irrelevant_pool
+    from orchestrator.inputs import irrelevant_pool
     from orchestrator.model_store import load_model
 
     runs = {r.name: r for r in qcfg.runs}
@@ -100,7 +100,7 @@ def merge_trace(
         raise ConfigError(f"--probes {probes}: measure at least one unrelated prompt")
     if n_edits < settings.merge_freq:
         raise ConfigError(f"--edits {n_edits} is below merge_freq {settings.merge_freq}: no merge would run")
-    records = _records(dataset, max(n_edits, probes))
+    records = dataset_records(dataset, max(n_edits, probes))
     if len(records) < n_edits:
         raise ConfigError(
             f"dataset {dataset.path} has {len(records)} valid edits, fewer than --edits {n_edits}"

@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from orchestrator.config import ConfigError, ModelConfig, build_config, load_config
+from wise.config import FrozenConfig
 from wise.state import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -42,11 +43,7 @@ SMOKE_SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class DatasetSpec(_Frozen):
+class DatasetSpec(FrozenConfig):
     """An edit file and the pool of unrelated records whose locality pairs are the irrelevant inputs."""
 
     path: str
@@ -54,7 +51,7 @@ class DatasetSpec(_Frozen):
     irrelevant: dict[str, Any] = Field(default_factory=dict, description="as the job's irrelevant: block")
 
 
-class MethodSpec(_Frozen):
+class MethodSpec(FrozenConfig):
     """An editor kind and its settings (validated by that kind's config class)."""
 
     kind: Literal["wise", "ft-l", "grace"]
@@ -64,7 +61,7 @@ class MethodSpec(_Frozen):
     settings: dict[str, Any] = Field(default_factory=dict)
 
 
-class RunSpec(_Frozen):
+class RunSpec(FrozenConfig):
     method: str
     dataset: str
     max_t: int = Field(ge=1)
@@ -74,7 +71,7 @@ class RunSpec(_Frozen):
         return f"{self.method}/{self.dataset}"
 
 
-class QualityConfig(_Frozen):
+class QualityConfig(FrozenConfig):
     """The quality benchmark: datasets, methods, and which (method, dataset) runs go up to which T."""
 
     model: ModelConfig = ModelConfig()
@@ -339,7 +336,8 @@ def invoked_command(argv: Sequence[str] | None = None) -> str:
     return "wisestream " + " ".join(shlex.quote(a) for a in args)
 
 
-def _records(spec: DatasetSpec, n: int) -> list:
+def dataset_records(spec: DatasetSpec, n: int) -> list:
+    """The first ``n`` valid edit records of a dataset (invalid ones are skipped)."""
     from streams import EditStream, open_source
 
     return [r for _, r in EditStream(open_source(spec.path, spec.format), max_records=n)]
@@ -365,7 +363,7 @@ def plan_run(
     read = {} if read is None else read
     key = (run.dataset, wanted[-1])
     if key not in read:
-        read[key] = _records(qcfg.datasets[run.dataset], wanted[-1])
+        read[key] = dataset_records(qcfg.datasets[run.dataset], wanted[-1])
     records = read[key]
     if not records:
         raise ConfigError(f"run {run.name}: dataset {qcfg.datasets[run.dataset].path} holds no valid edit")
@@ -410,7 +408,7 @@ def quality_benchmark(
     Returns:
         Milestones evaluated by this call, per run name.
     """
-    from orchestrator.job import irrelevant_pool
+    from orchestrator.inputs import irrelevant_pool
     from orchestrator.model_store import load_model
     from wise.evaluate import evaluate_records
 

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any
+
+from orchestrator.report import format_number
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +54,8 @@ def _value(result: dict, group: str, key: str) -> float | None:
     return (result.get(group) or {}).get(key)
 
 
-def _fmt(x: float | None, digits: int = 3) -> str:
-    return "–" if x is None else f"{x:.{digits}f}"
+# a missing value in the report's markdown tables is an en dash
+_cell = partial(format_number, missing="–")
 
 
 def _methods(by_method: dict[str, dict]) -> list[str]:
@@ -69,7 +72,7 @@ def quality_table(by_method: dict[str, dict[int, dict]]) -> list[str]:
     )
     lines = [head, "|" + " --- |" * (len(METRICS) + 5)]
     for t, r in sorted(by_method.get("pre", {}).items()):
-        vals = " | ".join(_fmt(_value(r, g, k)) for g, k, _ in METRICS)
+        vals = " | ".join(_cell(_value(r, g, k)) for g, k, _ in METRICS)
         lines.append(f"| pre-edit model | {t} | {vals} | | | `{r.get('command', '')}` |")
     for method in _methods(by_method):
         for t, r in sorted(by_method[method].items()):
@@ -78,8 +81,8 @@ def quality_table(by_method: dict[str, dict[int, dict]]) -> list[str]:
             low = min(three) if len(three) == 3 else None
             lines.append(
                 f"| {method} | {t} | "
-                + " | ".join(_fmt(v) for v in vals)
-                + f" | {_fmt(low)} | {_fmt(r.get('seconds_per_edit'), 2)} | `{r.get('command', '')}` |"
+                + " | ".join(_cell(v) for v in vals)
+                + f" | {_cell(low)} | {_cell(r.get('seconds_per_edit'), 2)} | `{r.get('command', '')}` |"
             )
     return lines
 
@@ -103,9 +106,9 @@ def headline_table(quality: dict[str, dict[str, dict[int, dict]]]) -> list[str]:
             rows = [("pre-edit", pre)] if pre else []
             rows += [(m, by_method[m][t]) for m in methods if t in by_method[m]]
             for method, r in rows:
-                vals = " | ".join(_fmt(_value(r, g, k)) for g, k, _ in METRICS)
+                vals = " | ".join(_cell(_value(r, g, k)) for g, k, _ in METRICS)
                 lines.append(
-                    f"| {dataset} | {t} | {method} | {vals} | {_fmt(r.get('seconds_per_edit'), 2)} |"
+                    f"| {dataset} | {t} | {method} | {vals} | {_cell(r.get('seconds_per_edit'), 2)} |"
                 )
     return lines
 
@@ -184,8 +187,8 @@ def _speed_section(results: Path) -> list[str]:
             "",
             "| engine s/edit | naive s/edit | ratio | retention metrics equal | command |",
             "| --- | --- | --- | --- | --- |",
-            f"| {_fmt(r['seconds_per_edit_engine'], 2)} | {_fmt(r['seconds_per_edit_naive'], 2)} | "
-            f"**{_fmt(r['ratio'], 2)}** | {r['metrics_equal']} | `{speed['command']}` |",
+            f"| {_cell(r['seconds_per_edit_engine'], 2)} | {_cell(r['seconds_per_edit_naive'], 2)} | "
+            f"**{_cell(r['ratio'], 2)}** | {r['metrics_equal']} | `{speed['command']}` |",
             "",
             f"Machine: {_machine_line(speed.get('machine'))}.",
             "",
@@ -208,8 +211,8 @@ def _speed_section(results: Path) -> list[str]:
         for name, v in r["layouts"].items():
             diff = r["max_state_diff"].get(name)
             lines.append(
-                f"| {v['editors']} x {v['shards_per_editor']} | {_fmt(v['edits_per_second'])} | "
-                f"{_fmt(v['seconds_per_edit'], 1)} | {_fmt(r.get(f'speedup_{name}', 1.0), 2)} | "
+                f"| {v['editors']} x {v['shards_per_editor']} | {_cell(v['edits_per_second'])} | "
+                f"{_cell(v['seconds_per_edit'], 1)} | {_cell(r.get(f'speedup_{name}', 1.0), 2)} | "
                 f"{'' if diff is None else f'{diff:.1e}'} | `{shards['command']}` |"
             )
         lines += ["", f"Machine: {_machine_line(shards.get('machine'))}.", ""]
@@ -234,11 +237,11 @@ def _speed_section(results: Path) -> list[str]:
         for name, row in (serving.get("throughput") or {}).items():
             lines.append(
                 f"| served tokens/s, {name.replace('_', ' ')} ({row.get('requests')} requests) | "
-                f"{_fmt(row.get('tokens_per_second'), 1)} |"
+                f"{_cell(row.get('tokens_per_second'), 1)} |"
             )
         if serving.get("routing_tokens_per_second_ratio") is not None:
             lines.append(
-                f"| tokens/s ratio routed / main only | {_fmt(serving['routing_tokens_per_second_ratio'], 2)} |"
+                f"| tokens/s ratio routed / main only | {_cell(serving['routing_tokens_per_second_ratio'], 2)} |"
             )
         for name, row in (serving.get("publish") or {}).items():
             lines.append(
@@ -290,15 +293,15 @@ def _merges_section(results: Path) -> list[str]:
             unrel = sum(x["unrelated"] for x in shards) / len(shards)
             own = sum(x["own_edits"] for x in shards) / len(shards)
             centred = (
-                f"{_fmt(c['unrelated'], 1)} / {_fmt(c['edits_min'], 1)} / {_fmt(c['unrelated_routed'], 2)}"
+                f"{_cell(c['unrelated'], 1)} / {_cell(c['edits_min'], 1)} / {_cell(c['unrelated_routed'], 2)}"
                 if c
                 else "–"
             )
             lines.append(
-                f"| {m['edits']} | {_fmt(m['base']['norm'], 1)} / {_fmt(m['base']['unrelated'], 1)} | "
-                f"{_fmt(unrel, 1)} / {_fmt(own, 1)} | {_fmt(merged['norm'], 1)} | {_fmt(merged['unrelated'], 1)} | "
-                f"{_fmt(merged['edits_min'], 1)} | {_fmt(merged['threshold'], 1)} | "
-                f"{_fmt(merged['unrelated_routed'], 2)} | {centred} |"
+                f"| {m['edits']} | {_cell(m['base']['norm'], 1)} / {_cell(m['base']['unrelated'], 1)} | "
+                f"{_cell(unrel, 1)} / {_cell(own, 1)} | {_cell(merged['norm'], 1)} | {_cell(merged['unrelated'], 1)} | "
+                f"{_cell(merged['edits_min'], 1)} | {_cell(merged['threshold'], 1)} | "
+                f"{_cell(merged['unrelated_routed'], 2)} | {centred} |"
             )
         lines += ["", f"Machine: {_machine_line(trace.get('machine'))}.", ""]
     return lines

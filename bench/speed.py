@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from orchestrator.config import JobConfig
-from orchestrator.job import irrelevant_pool
+from orchestrator.inputs import irrelevant_pool
 from orchestrator.model_store import load_model
 from streams import EditStream, open_source
 from wise.editor import WiseEditor

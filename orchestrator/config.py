@@ -12,21 +12,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from orchestrator.model_store import EMBEDDED_MODEL
-from wise.config import WiseConfig
+from wise.config import FrozenConfig, WiseConfig
 
 
 class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the key path."""
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelConfig(_Frozen):
+class ModelConfig(FrozenConfig):
     name: str = Field(EMBEDDED_MODEL, description="local checkpoint dir, hub id, or the embedded model")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
@@ -35,7 +31,7 @@ class ModelConfig(_Frozen):
 _KAFKA_KEYS = ("bootstrap", "topic", "group")
 
 
-class StreamConfig(_Frozen):
+class StreamConfig(FrozenConfig):
     """Where the edits come from: a file (``kind: file``) or a Kafka topic (``kind: kafka``)."""
 
     kind: Literal["file", "kafka"] = Field("file", description="file (or records from Python) | kafka")
@@ -98,10 +94,10 @@ class StreamConfig(_Frozen):
                 poll_timeout_s=self.poll_timeout_s,
             )
         except ValidationError as err:
-            raise ValueError(_format_errors(err, prefix="stream.")) from None
+            raise ValueError(format_errors(err, prefix="stream.")) from None
 
 
-class IrrelevantConfig(_Frozen):
+class IrrelevantConfig(FrozenConfig):
     """Pool of unrelated ``(prompt, answer)`` pairs for the margin loss: the locality pairs of records that are
     NOT edited (paper: irrelevant inputs come from other records, never from the edited ones)."""
 
@@ -110,7 +106,7 @@ class IrrelevantConfig(_Frozen):
     limit: int = Field(512, ge=1)
 
 
-class EvalConfig(_Frozen):
+class EvalConfig(FrozenConfig):
     generate: bool = Field(
         True, description="also measure free-generation (greedy) reliability/generalization"
     )
@@ -129,7 +125,7 @@ class EvalConfig(_Frozen):
     )
 
 
-class RuntimeConfig(_Frozen):
+class RuntimeConfig(FrozenConfig):
     """Where and how wide the job runs on Ray."""
 
     address: str | None = Field(
@@ -153,7 +149,7 @@ class RuntimeConfig(_Frozen):
     )
 
 
-class CheckpointConfig(_Frozen):
+class CheckpointConfig(FrozenConfig):
     dir: str | None = Field(
         None, description="checkpoint directory (default <output.dir>/checkpoint); same dir = resume"
     )
@@ -164,7 +160,7 @@ class CheckpointConfig(_Frozen):
     )
 
 
-class MetricsConfig(_Frozen):
+class MetricsConfig(FrozenConfig):
     """Prometheus metrics of the job (names in ``orchestrator/telemetry/metrics.py``), served while it runs."""
 
     port: int | None = Field(
@@ -179,7 +175,7 @@ class MetricsConfig(_Frozen):
     )
 
 
-class PublishConfig(_Frozen):
+class PublishConfig(FrozenConfig):
     """A pool of vLLM serving replicas the job publishes its side memories to (``serving/pool.py``)."""
 
     replicas: int = Field(0, ge=0, description="serving replicas (Ray actors running vLLM); 0: no serving")
@@ -219,12 +215,12 @@ class PublishConfig(_Frozen):
         return self
 
 
-class OutputConfig(_Frozen):
+class OutputConfig(FrozenConfig):
     dir: str = Field("runs/default", description="final WISE state (safetensors + JSON) and the report")
     report: str | None = Field(None, description="report path (default: <dir>/report.json)")
 
 
-class JobConfig(_Frozen):
+class JobConfig(FrozenConfig):
     """Everything one editing job needs."""
 
     model: ModelConfig = ModelConfig()
@@ -253,7 +249,13 @@ class JobConfig(_Frozen):
         )
 
 
-def _format_errors(err: ValidationError, prefix: str = "") -> str:
+def format_errors(err: ValidationError, prefix: str = "") -> str:
+    """One line per validation error, each naming its key path (``stream.fromat: unknown key``).
+
+    Args:
+        err: pydantic's validation error.
+        prefix: prepended to every key path (``"stream."`` for a nested model validated on its own).
+    """
     lines = []
     for e in err.errors():
         path = prefix + ".".join(str(p) for p in e["loc"]) or "<root>"
@@ -265,7 +267,12 @@ def _format_errors(err: ValidationError, prefix: str = "") -> str:
     return "; ".join(lines)
 
 
-def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+def set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``tree[a][b][c] = value`` for ``dotted = "a.b.c"``, creating the mappings on the way.
+
+    Raises:
+        ConfigError: a key on the way holds a value, not a mapping.
+    """
     keys = dotted.split(".")
     node = tree
     for i, k in enumerate(keys[:-1]):
@@ -299,11 +306,11 @@ def build_config(data: Mapping[str, Any] | None = None, overrides: Sequence[str]
     """
     tree: dict[str, Any] = dict(data or {})
     for key, value in parse_overrides(overrides):
-        _set_path(tree, key, value)
+        set_path(tree, key, value)
     try:
         return JobConfig.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err)) from None
+        raise ConfigError(format_errors(err)) from None
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> JobConfig:

@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from orchestrator.errors import JobError
 from streams import (
     DeadLetterFile,
     EditRecord,
@@ -220,3 +221,23 @@ def open_input(cfg: JobConfig, records: Iterable[Any] | None = None, position: i
         IterableSource(records) if records is not None else open_source(cfg.stream.path, cfg.stream.format)  # type: ignore[arg-type]
     )
     return FileInput(source, DeadLetterFile(cfg.dead_letter_path()), start=position)
+
+
+def irrelevant_pool(cfg: JobConfig) -> list[tuple[str, str]]:
+    """Locality pairs of the records in ``irrelevant.path`` (records that are not edited): the margin loss's
+    irrelevant inputs.
+
+    Raises:
+        JobError: the file holds no locality pair.
+    """
+    if cfg.irrelevant.path is None:
+        return []
+    pool: list[tuple[str, str]] = []
+    for _, rec in EditStream(open_source(cfg.irrelevant.path, cfg.irrelevant.format)):
+        if rec.locality_prompt and rec.locality_answer:
+            pool.append((rec.locality_prompt, rec.locality_answer))
+        if len(pool) >= cfg.irrelevant.limit:
+            break
+    if not pool:
+        raise JobError(f"irrelevant.path={cfg.irrelevant.path} holds no locality pairs")
+    return pool

@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -89,10 +90,13 @@ class Publisher:
     def version(self) -> int:
         return self.pool.version
 
-    def start(self) -> list[dict]:
+    def start(self, memories: list[Memory] | None = None) -> list[dict]:
+        """Start the replicas, and publish ``memories`` at once (a resumed job serves what it had stored)."""
         infos = self.pool.start()
         for info in infos:
             logger.info("serving replica %s at %s", info["name"], info["url"])
+        if memories:
+            self.publish(memories)
         return infos
 
     def maybe_publish(self, memories: list[Memory], merges: int) -> dict | None:
@@ -132,6 +136,11 @@ class Publisher:
         )
         return result
 
+    def publish_final(self, memories: list[Memory]) -> None:
+        """Publish the job's final state (partial last shard included) unless the replicas serve it already."""
+        if sum(len(m.edit_ids) for m in memories) != self.published_edits:
+            self.publish(memories)
+
     def summary(self) -> dict:
         return {
             "version": self.version,
@@ -140,7 +149,13 @@ class Publisher:
             "last": self.last,
         }
 
-    def stop(self) -> None:
+    def stop(self, linger: bool = False) -> None:
+        """Stop the replicas, after ``publish.keep_serving_s`` when ``linger`` (the job finished)."""
+        if linger and self.pub.keep_serving_s:
+            logger.info(
+                "serving %s for %.0f s more (publish.keep_serving_s)", self.pool.urls, self.pub.keep_serving_s
+            )
+            time.sleep(self.pub.keep_serving_s)
         self.pool.stop()
 
 

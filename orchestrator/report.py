@@ -3,22 +3,109 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from orchestrator.config import JobConfig
+from wise.state import atomic_write
+
+
+def format_number(value: float | None, digits: int = 3, missing: str = "-") -> str:
+    """A measurement for people (logs, terminal and markdown tables): ``digits`` decimals, ``missing`` for None."""
+    return missing if value is None else f"{value:.{digits}f}"
+
 
 def write_report(report: dict[str, Any], path: Path) -> None:
-    """Write the report atomically as indented JSON."""
+    """Write the report atomically (temporary file, fsync, rename) as indented JSON."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".report.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(report, fh, indent=1)
-    os.replace(tmp, path)
+    atomic_write(path, lambda p: Path(p).write_text(json.dumps(report, indent=1)))
+
+
+def build_report(
+    cfg: JobConfig,
+    *,
+    counters: Mapping[str, int],
+    applied: Sequence[str],
+    accepted: Sequence[str],
+    unstored: Sequence[str],
+    stopped: bool,
+    resumed_from: dict[str, Any] | None,
+    evaluated: int,
+    result: dict[str, Any],
+    meta: dict[str, Any],
+    runtime: dict[str, Any],
+    evaluations: list[dict],
+    applied_now: int,
+    edit_seconds: float,
+    wall_seconds: float,
+    state_dir: Path,
+    dead_letter: str | None,
+    serving: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The job's report: exactly-once accounting, retention, runtime and where the outputs are.
+
+    Args:
+        cfg: the job configuration (recorded in the report).
+        counters: the job's counters.
+        applied: ids of the edits in the final state, in order (an id twice: applied twice).
+        accepted: ids of every accepted record.
+        unstored: ids of the accepted records of shards not stored yet.
+        stopped: the job stopped on SIGTERM: accepted records not in the state are pending (the next run applies
+            them), not lost.
+        resumed_from: where this run resumed (None: a fresh job).
+        evaluated: edits in the final measurement.
+        result: the final measurement (``retention_fields``).
+        meta: the final state's metadata.
+        runtime: ``checkpoints``, ``local_ray``, ``ray_address`` and ``metrics_url``.
+        evaluations: the continuous retention measurements.
+        applied_now: edits applied by this run.
+        edit_seconds: seconds spent editing (up to the last editor call).
+        wall_seconds: seconds since the run started.
+        state_dir: where the final state is.
+        dead_letter: where rejected records went (None: none was rejected).
+        serving: the publisher's summary (None: no serving).
+    """
+    in_state = set(applied)
+    # after SIGTERM, accepted records not applied yet are in the checkpoint: the next run applies them
+    # (partly applied shards included: only stored shards and the final partial shard are in the state)
+    pending = [i for i in unstored if i not in in_state] if stopped else []
+    lost = sorted(set(accepted) - in_state - set(pending))
+    n = len(applied)
+    return {
+        "edits_seen": counters["edits_seen"],
+        "edits_applied": n,
+        "edits_applied_this_run": applied_now,
+        "duplicates_applied": n - len(in_state),
+        "duplicates_skipped": counters["duplicates_skipped"],
+        "edits_lost": len(lost),
+        "edits_pending": len(pending),
+        "stopped_by_signal": stopped,
+        "lost_ids": lost[:20],
+        "resumed_from": resumed_from,
+        "dead_lettered": counters["dead_lettered"],
+        "actor_failures": counters["actor_failures"],
+        "evaluated_edits": evaluated,
+        **retention_fields(result, meta),
+        "runtime": {
+            "editors": cfg.runtime.editors,
+            "shards_per_editor": cfg.runtime.shards_per_editor,
+            "edits_per_second": applied_now / edit_seconds if applied_now else None,
+            **runtime,
+        },
+        "evaluations": evaluations,
+        "seconds_per_edit": edit_seconds / applied_now if applied_now else None,
+        "wall_seconds": wall_seconds,
+        "state_dir": str(state_dir),
+        "checkpoint_dir": str(cfg.checkpoint_dir()),
+        "dead_letter": dead_letter,
+        "serving": serving,
+        "per_edit": result["post"]["per_edit"],
+        "config": cfg.model_dump(mode="json"),
+    }
 
 
 def retention_fields(result: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
@@ -48,10 +135,6 @@ def retention_fields(result: dict[str, Any], meta: dict[str, Any]) -> dict[str, 
     }
 
 
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
-
-
 def render_summary(report: dict[str, Any], console: Console | None = None) -> None:
     """Print the before/after retention table and the run's counters."""
     console = console or Console()
@@ -61,23 +144,23 @@ def render_summary(report: dict[str, Any], console: Console | None = None) -> No
     table.add_column("after", justify="right")
     pre, post = report["pre"], report["retention"]
     for key in ("reliability", "generalization", "locality"):
-        table.add_row(f"{key} (teacher-forced)", _fmt(pre.get(key)), _fmt(post.get(key)))
+        table.add_row(f"{key} (teacher-forced)", format_number(pre.get(key)), format_number(post.get(key)))
     if report.get("retention_generate"):
         for key in ("reliability", "generalization"):
             table.add_row(
                 f"{key} (generation)",
-                _fmt((report.get("pre_generate") or {}).get(key)),
-                _fmt(report["retention_generate"].get(key)),
+                format_number((report.get("pre_generate") or {}).get(key)),
+                format_number(report["retention_generate"].get(key)),
             )
     console.print(table)
     rf = report["routed_fraction"]
     console.print(
         f"edits seen {report['edits_seen']}, applied {report['edits_applied']}, dead-lettered "
-        f"{report['dead_lettered']}; {_fmt(report['seconds_per_edit'])} s/edit, wall {report['wall_seconds']:.1f} s"
+        f"{report['dead_lettered']}; {format_number(report['seconds_per_edit'])} s/edit, wall {report['wall_seconds']:.1f} s"
     )
     console.print(
-        f"routed to side memory: edits {_fmt(rf.get('edit'))}, rephrases {_fmt(rf.get('rephrase'))}, "
-        f"locality prompts {_fmt(rf.get('locality'))}"
+        f"routed to side memory: edits {format_number(rf.get('edit'))}, rephrases {format_number(rf.get('rephrase'))}, "
+        f"locality prompts {format_number(rf.get('locality'))}"
     )
     if "duplicates_applied" in report:
         resumed = report.get("resumed_from")

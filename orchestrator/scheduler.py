@@ -13,7 +13,7 @@ train in parallel with each other, not with the next group.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from streams import EditRecord
@@ -44,6 +44,10 @@ class ShardBook:
         save_freq: edits per shard.
         bank: where finished shards go.
         first_shard: the first shard id not yet in ``bank`` (resuming).
+
+    Attributes:
+        merges: merges run by storing shards (this book's lifetime: the current run).
+        on_merge: called with the seconds of each merge (the merge-duration metric).
     """
 
     def __init__(self, save_freq: int, bank: MemoryBank, first_shard: int = 0) -> None:
@@ -54,7 +58,8 @@ class ShardBook:
         self.next_store = first_shard
         self.outcomes = 0
         self.steps = 0
-        self.on_merge: Callable[[float], None] | None = None  # called with the seconds of each merge
+        self.merges = 0
+        self.on_merge: Callable[[float], None] | None = None
 
     # ------------------------------------------------------------------ records
     def add(self, rec: EditRecord) -> None:
@@ -66,6 +71,16 @@ class ShardBook:
         if task is None:
             task = self.tasks[sid] = ShardTask(sid, sid * self.save_freq)
         task.records.append(rec)
+
+    def resume(self, records: list[EditRecord], progress: Mapping[int, Memory]) -> None:
+        """Continue a checkpointed run: ``records`` are all accepted records in stream order (the stored
+        shards' first), ``progress`` the side memory so far of each shard under way."""
+        stored = self.next_store * self.save_freq
+        self.records = records[:stored]
+        for rec in records[stored:]:
+            self.add(rec)
+        for sid, memory in progress.items():
+            self.tasks[sid].progress = memory
 
     def full(self, task: ShardTask) -> bool:
         return len(task.records) == self.save_freq
@@ -102,6 +117,22 @@ class ShardBook:
     def in_flight(self) -> list[ShardTask]:
         return [t for t in self.tasks.values() if t.worker is not None]
 
+    def next_group(self, worker: int, stream_done: bool, size: int) -> list[ShardTask]:
+        """Up to ``size`` :meth:`ready` shards for ``worker``: the ones it trained last first (it caches them),
+        then the lowest ids."""
+        ready = self.ready(stream_done)
+        ready.sort(key=lambda t: (t.last_worker != worker, t.shard_id))
+        return ready[:size]
+
+    def assign(self, tasks: list[ShardTask], worker: int) -> None:
+        """``tasks`` are in flight on ``worker``."""
+        for t in tasks:
+            t.worker = t.last_worker = worker
+
+    def release(self, shard_id: int) -> None:
+        """The shard's editor call returned: it is no longer in flight."""
+        self.tasks[shard_id].worker = None
+
     # ------------------------------------------------------------------ progress
     def update(self, shard_id: int, memory: Memory, outcomes: tuple[EditOutcome, ...]) -> list[int]:
         """Record a shard's progress; store every shard that is now finished and next in order.
@@ -125,18 +156,26 @@ class ShardBook:
         while (t := self.tasks.get(self.next_store)) is not None and t.applied == self.save_freq:
             assert t.progress is not None
             t0 = time.perf_counter()
-            if self.bank.store(t.progress) and self.on_merge is not None:
-                self.on_merge(time.perf_counter() - t0)
+            if self.bank.store(t.progress):
+                self.merges += 1
+                if self.on_merge is not None:
+                    self.on_merge(time.perf_counter() - t0)
             del self.tasks[t.shard_id]
             stored.append(t.shard_id)
             self.next_store += 1
         return stored
 
-    def reset(self, shard_id: int) -> None:
-        """Forget a shard's progress: it is retrained from its first edit (its editor died)."""
+    def reset(self, shard_id: int) -> int:
+        """Forget a shard's progress: it is retrained from its first edit (its editor died).
+
+        Returns:
+            The number of applied edits forgotten.
+        """
         task = self.tasks[shard_id]
+        forgotten = task.applied
         task.progress = None
         task.worker = None
+        return forgotten
 
     # ------------------------------------------------------------------ views
     def applied_ids(self) -> list[str]:
@@ -146,6 +185,19 @@ class ShardBook:
             p = self.tasks[sid].progress
             ids += p.edit_ids if p is not None else []
         return ids
+
+    def in_progress(self) -> list[tuple[int, Memory]]:
+        """Shards under way with at least one edit applied, and their side memory so far, lowest id first."""
+        out = []
+        for sid in sorted(self.tasks):
+            t = self.tasks[sid]
+            if t.progress is not None and t.applied:
+                out.append((sid, t.progress))
+        return out
+
+    def open_records(self) -> list[EditRecord]:
+        """Accepted records of the shards not stored yet, in stream order."""
+        return [r for t in self.tasks.values() for r in t.records]
 
     def n_applied(self) -> int:
         return self.bank.n_edits() + sum(t.applied for t in self.tasks.values())

@@ -12,11 +12,13 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
-class _Frozen(BaseModel):
+class FrozenConfig(BaseModel):
+    """Base of every config model: immutable, and an unknown key is an error rather than silently ignored."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class MarginConfig(_Frozen):
+class MarginConfig(FrozenConfig):
     """Activation-margin loss (paper Eq. 5): irrelevant inputs below ``alpha``, edit inputs above ``beta``,
     and a gap of at least ``gamma`` between them.
 
@@ -37,7 +39,7 @@ class MarginConfig(_Frozen):
         return self
 
 
-class TemplateConfig(_Frozen):
+class TemplateConfig(FrozenConfig):
     """Context templates (paper App. B.6): the empty template plus prefixes sampled from the model."""
 
     count: int = Field(5, ge=0, le=64, description="random prefixes besides the empty template")
@@ -45,7 +47,7 @@ class TemplateConfig(_Frozen):
     seeds: tuple[str, ...] = ("The", "I", "Because", "You", "Yes", "Therefore", "It", "In")
 
 
-class MergeConfig(_Frozen):
+class MergeConfig(FrozenConfig):
     """Shard merging (paper Sec. 2.3.2, TIES: Yadav et al. 2023)."""
 
     method: str = "ties"
@@ -63,7 +65,7 @@ class MergeConfig(_Frozen):
     weights: float = Field(1.0, gt=0, description="scale applied to the merged task vector")
 
 
-class WiseConfig(_Frozen):
+class WiseConfig(FrozenConfig):
     """All WISE hyper-parameters. See the README's config section for what each does."""
 
     layer: int = Field(23, ge=0, description="index of the edited decoder block")

@@ -138,6 +138,11 @@ class MemoryBank:
         self.merged: list[Memory] = []
         self.on_merge: Callable[[list[Memory], torch.Tensor | None, Memory], None] | None = None
 
+    def restore(self, pending: list[Memory], merged: list[Memory]) -> None:
+        """Continue from stored shards (``pending``) and merged memories saved earlier (a checkpoint)."""
+        self.pending = pending
+        self.merged = merged
+
     def memories(self) -> list[Memory]:
         """Merged then pending memories: the router's order."""
         return [*self.merged, *self.pending]

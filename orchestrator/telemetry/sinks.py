@@ -8,6 +8,8 @@ import logging
 from pathlib import Path
 from typing import Any, Protocol
 
+from orchestrator.report import format_number
+
 logger = logging.getLogger(__name__)
 
 
@@ -37,17 +39,13 @@ class JsonlSink:
             logger.info(
                 "retention after %d edits: rel %s gen %s loc %s (fixed-set locality %s)",
                 measurement["edits"],
-                _fmt(measurement.get("reliability")),
-                _fmt(measurement.get("generalization")),
-                _fmt(measurement.get("locality")),
-                _fmt(measurement.get("locality_fixed")),
+                format_number(measurement.get("reliability")),
+                format_number(measurement.get("generalization")),
+                format_number(measurement.get("locality")),
+                format_number(measurement.get("locality_fixed")),
             )
         with open(self.path, "a") as fh:
             fh.write(json.dumps(measurement) + "\n")
-
-
-def _fmt(v: float | None) -> str:
-    return "-" if v is None else f"{v:.3f}"
 
 
 class FanoutSink:

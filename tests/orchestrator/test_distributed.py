@@ -11,7 +11,8 @@ import psutil
 import pytest
 import torch
 
-from orchestrator.job import irrelevant_pool, run_job
+from orchestrator.inputs import irrelevant_pool
+from orchestrator.job import run_job
 from wise.editor import WiseEditor
 from wise.state import read_state
 
