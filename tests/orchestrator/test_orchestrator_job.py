@@ -119,13 +119,6 @@ def test_cli_reports_config_errors_cleanly(tmp_path, capsys):
     assert "wise: merge_freq (7) must be a multiple of save_freq (2)" in capsys.readouterr().err
 
 
-def test_missing_stream_file_is_a_clear_error(tmp_path, capsys, model_dir):
-    config = tmp_path / "job.yaml"
-    config.write_text(f"stream:\n  path: {tmp_path / 'nope.jsonl'}\nmodel:\n  name: {model_dir}\n")
-    assert main(["run", str(config)]) == 1
-    assert "nope.jsonl" in capsys.readouterr().err
-
-
 def test_auto_margins_without_pool_fail_at_setup(ray_local, tmp_path, model_dir, edits):
     cfg = build_config({}, _overrides(tmp_path, model_dir))
     with pytest.raises(JobError, match="needs an irrelevant pool"):
