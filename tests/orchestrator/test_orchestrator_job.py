@@ -84,11 +84,12 @@ def test_cli_run_writes_report_state_and_dead_letters(ray_local, tmp_path, model
     assert report["retention"].keys() == {"reliability", "generalization", "locality"}
     assert report["retention_generate"].keys() == {"reliability", "generalization"}
     assert report["config"]["wise"]["layer"] == 2
-    # router diagnostics: where edit prompts sit relative to the threshold at evaluation time
-    assert report["score_over_threshold"]["edit"]["min"] >= 0
-    assert (report["score_over_threshold"]["edit"]["min"] >= 1.0) == (
-        report["routed_fraction"]["edit"] == 1.0
-    )
+    # router diagnostics: an edit prompt's best routing score over its memory's threshold. A threshold is act_ratio
+    # x the lowest score among its memory's own edits (their keys kept in float16: 1% slack), so every edit prompt
+    # scores at least 1 / act_ratio (1.14) times it, and every edit routes to a side memory
+    act_ratio = report["config"]["wise"]["act_ratio"]
+    assert report["score_over_threshold"]["edit"]["min"] >= 0.99 / act_ratio
+    assert report["routed_fraction"]["edit"] == 1.0
     assert [e["id"] for e in report["per_edit"]] == ["e0", "e1", "e2"]
     dead = read_dead_letters(tmp_path / "out" / "dead_letter.jsonl")
     reasons = " | ".join(d.reason for d in dead)
