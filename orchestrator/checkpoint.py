@@ -162,8 +162,8 @@ class CheckpointStore:
         if body.get("fingerprint") != self.fingerprint:
             changed = sorted(k for k in self.job if body.get("job", {}).get(k) != self.job[k])
             raise CheckpointError(
-                f"{path} belongs to another job (differs in {changed or 'its settings'}); "
-                "use another checkpoint.dir or delete it to start over"
+                f"{path} belongs to another job (differs in {changed or 'its settings'}): set another "
+                f"output.dir or checkpoint.dir, or delete {self.dir} to start over"
             )
         return body
 

@@ -321,7 +321,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> JobConfig:
     """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} does not exist (configs/ holds examples)")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:

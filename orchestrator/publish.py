@@ -173,6 +173,8 @@ def load_source(path: str | Path) -> tuple[ServingSnapshot, str | None, WiseConf
         ServeError: nothing servable there.
     """
     path = Path(path)
+    if not path.exists():
+        raise ServeError(f"{path} does not exist: pass a job's checkpoint, output or state dir")
     if (path / "checkpoint.json").is_file():
         ckpt = json.loads((path / "checkpoint.json").read_text())
         job = ckpt.get("job") or {}

@@ -331,7 +331,8 @@ def fetch_metadata(
         return handle.list_topics(topic, timeout=timeout_s)
     except KafkaException as exc:
         raise KafkaStreamError(
-            f"Kafka broker at {bootstrap} unreachable: no metadata within {timeout_s:g}s ({kafka_error(exc)})"
+            f"Kafka broker at {bootstrap} unreachable: no metadata within {timeout_s:g}s ({kafka_error(exc)}); "
+            "check that the broker runs and the address is right"
         ) from None
 
 

@@ -187,5 +187,6 @@ def open_source(
         raise FormatError(f"unknown source format {format!r}; choose one of {sorted(FORMATS)}")
     path = Path(path).expanduser()
     if not path.exists():
-        raise SourceError(f"edit source not found: {path}")
+        where = "" if path.is_absolute() else f" (a relative path starts at {Path.cwd()})"
+        raise SourceError(f"edit source not found: {path}{where}; check the path")
     return opener(path, limits, cache_dir)

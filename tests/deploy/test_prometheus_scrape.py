@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import wait_for
 
 from orchestrator.config import load_config
 from orchestrator.job import EditJob
@@ -28,17 +29,6 @@ def prometheus_config(target: str) -> dict:
     (job,) = [s for s in cfg["scrape_configs"] if s["job_name"] == "wisestream"]
     job["static_configs"] = [{"targets": [target]}]
     return cfg
-
-
-def wait_for(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.5)
 
 
 def test_dashboard_and_alert_queries_on_a_real_job(tmp_path, ray_local, prometheus_factory, deploy_files):
@@ -66,7 +56,12 @@ def test_dashboard_and_alert_queries_on_a_real_job(tmp_path, ray_local, promethe
         assert job.observer is not None and job.observer.address
         target = job.observer.address.removeprefix("http://").removesuffix("/metrics")
         prom = prometheus_factory(prometheus_config(target))
-        wait_for(lambda: prom.query('up{job="wisestream"} == 1')["result"], 30, "the first scrape of the job")
+        wait_for(
+            lambda: prom.query('up{job="wisestream"} == 1')["result"],
+            30,
+            what="the first scrape of the job",
+            interval=0.5,
+        )
         report = job.run()
 
         # the final measurement reaches Prometheus: the gauges over all past edits equal the report
@@ -80,7 +75,9 @@ def test_dashboard_and_alert_queries_on_a_real_job(tmp_path, ray_local, promethe
             got = {r["metric"]["metric"]: float(r["value"][1]) for r in result}
             return got if all(got.get(k) == v for k, v in expected.items() if v is not None) else None
 
-        got = wait_for(scraped_retention, 20, f"retention gauges equal to the report {expected}")
+        got = wait_for(
+            scraped_retention, 20, what=f"retention gauges equal to the report {expected}", interval=0.5
+        )
         assert got["reliability"] == report["retention"]["reliability"]
         assert got["generate_reliability"] == report["retention_generate"]["reliability"]
         recent = prom.query('wisestream_retention{scope="recent", metric="reliability"}')["result"]
@@ -110,7 +107,8 @@ def test_dashboard_and_alert_queries_on_a_real_job(tmp_path, ray_local, promethe
                 if g["rules"] and all(r.get("health") == "ok" for r in g["rules"])
             ],
             20,
-            "the alert rules to evaluate",
+            what="the alert rules to evaluate",
+            interval=0.5,
         )
         assert sum(len(g["rules"]) for g in groups) == len(deploy_files.alert_rules())
     finally:

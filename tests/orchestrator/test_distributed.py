@@ -119,11 +119,11 @@ def test_checkpoints_inside_shards_resume_and_finished_stream_is_not_reapplied(
 
 
 def test_checkpoint_of_another_job_is_refused(ray_local, job_files, tmp_path):
-    from orchestrator.job import JobError  # noqa: F401 - the error type users see
+    from orchestrator.checkpoint import CheckpointError
 
     out = tmp_path / "other"
     run_job(_cfg(job_files, out, "max_edits=4"))
-    with pytest.raises(Exception, match="belongs to another job"):
+    with pytest.raises(CheckpointError, match=r"belongs to another job \(differs in \['wise'\]\)"):
         run_job(_cfg(job_files, out, "max_edits=4", "wise.n_iter=9"))
 
 

@@ -84,11 +84,12 @@ def test_cli_run_writes_report_state_and_dead_letters(ray_local, tmp_path, model
     assert report["retention"].keys() == {"reliability", "generalization", "locality"}
     assert report["retention_generate"].keys() == {"reliability", "generalization"}
     assert report["config"]["wise"]["layer"] == 2
-    # router diagnostics: where edit prompts sit relative to the threshold at evaluation time
-    assert report["score_over_threshold"]["edit"]["min"] >= 0
-    assert (report["score_over_threshold"]["edit"]["min"] >= 1.0) == (
-        report["routed_fraction"]["edit"] == 1.0
-    )
+    # router diagnostics: an edit prompt's best routing score over its memory's threshold. A threshold is act_ratio
+    # x the lowest score among its memory's own edits (their keys kept in float16: 1% slack), so every edit prompt
+    # scores at least 1 / act_ratio (1.14) times it, and every edit routes to a side memory
+    act_ratio = report["config"]["wise"]["act_ratio"]
+    assert report["score_over_threshold"]["edit"]["min"] >= 0.99 / act_ratio
+    assert report["routed_fraction"]["edit"] == 1.0
     assert [e["id"] for e in report["per_edit"]] == ["e0", "e1", "e2"]
     dead = read_dead_letters(tmp_path / "out" / "dead_letter.jsonl")
     reasons = " | ".join(d.reason for d in dead)
@@ -117,13 +118,6 @@ def test_cli_reports_config_errors_cleanly(tmp_path, capsys):
     config.write_text("wise:\n  merge_freq: 7\n  save_freq: 2\n")
     assert main(["run", str(config)]) == 2
     assert "wise: merge_freq (7) must be a multiple of save_freq (2)" in capsys.readouterr().err
-
-
-def test_missing_stream_file_is_a_clear_error(tmp_path, capsys, model_dir):
-    config = tmp_path / "job.yaml"
-    config.write_text(f"stream:\n  path: {tmp_path / 'nope.jsonl'}\nmodel:\n  name: {model_dir}\n")
-    assert main(["run", str(config)]) == 1
-    assert "nope.jsonl" in capsys.readouterr().err
 
 
 def test_auto_margins_without_pool_fail_at_setup(ray_local, tmp_path, model_dir, edits):

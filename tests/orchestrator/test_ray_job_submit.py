@@ -5,30 +5,23 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import psutil
 import pytest
+from helpers import WaitTimeout, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def ray_head():
     temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's unix socket paths must stay < 108 chars
-    port, dash, agent, client = (_free_port() for _ in range(4))
+    port, dash, agent, client = (free_port() for _ in range(4))
     # loopback only (see orchestrator.cluster); the CLI sends the token that `ray start` writes to ~/.ray
     env = {
         **os.environ,
@@ -101,14 +94,18 @@ def test_ray_job_submit_runs_the_job_and_prints_the_report(ray_head, job_files, 
         "--set",
         "max_edits=6",
     ]
-    deadline = time.monotonic() + 120
-    while True:  # the dashboard's job server comes up a little after `ray start` returns
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        text = proc.stdout + proc.stderr
-        busy = "Failed to connect" in text or "No available agent" in text
-        if proc.returncode == 0 or time.monotonic() > deadline or not busy:
-            break
-        time.sleep(2)
+    tries: list[subprocess.CompletedProcess] = []
+
+    def submitted() -> bool:  # the dashboard's job server comes up a little after `ray start` returns
+        tries.append(subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600))
+        text = tries[-1].stdout + tries[-1].stderr
+        return tries[-1].returncode == 0 or not ("Failed to connect" in text or "No available agent" in text)
+
+    try:
+        wait_for(submitted, 120, what="the job server to accept the job", interval=2)
+    except WaitTimeout as err:
+        raise AssertionError(f"{err}:\n{(tries[-1].stdout + tries[-1].stderr)[-4000:]}") from None
+    proc = tries[-1]
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     assert "succeeded" in log and "Retention after 6 sequential edits" in log, log[-4000:]

@@ -38,9 +38,9 @@ def post(url: str, body: dict, key: str | None = KEY, timeout: float = 120.0) ->
 
 @pytest.fixture(scope="module")
 def wise_run(tmp_path_factory, ray_local):
-    """A 4-edit WISE job on SmolLM2 (two 2-edit shards) that publishes to its own one-replica pool: its config,
-    report and state directory."""
-    from orchestrator.job import run_job
+    """A 4-edit WISE job on SmolLM2 (two 2-edit shards, trained one after the other) that publishes to its own
+    one-replica pool: its config, report, state directory, and each publish (version, merges so far, edits)."""
+    from orchestrator.job import EditJob
 
     out = tmp_path_factory.mktemp("serve_run")
     cfg = load_config(
@@ -51,21 +51,40 @@ def wise_run(tmp_path_factory, ray_local):
             "eval.every=100",
             f"output.dir={out}",
             "runtime.editor_cpus=1",  # one CPU for the editor, one for the serving replica
+            # one shard at a time: each merge is stored by its own editor report, hence its own checkpoint
+            "runtime.shards_per_editor=1",
             "publish.replicas=1",
         ],
     )
-    report = run_job(cfg)
+    job = EditJob(cfg)
+    published: list[dict] = []
+    try:
+        job.setup()
+        pool = job.publisher.pool
+        publish = pool.publish
+
+        def recorded(snapshot, version=None):
+            result = publish(snapshot, version)
+            published.append({"version": result["version"], "merges": job.merges, "edits": snapshot.n_edits})
+            return result
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(pool, "publish", recorded)
+            report = job.run()
+    finally:
+        job.cleanup()
     assert report["edits_applied"] == 4
-    return cfg, report, Path(report["state_dir"])
+    return cfg, report, Path(report["state_dir"]), published
 
 
 def test_job_publishes_after_every_merge(wise_run):
-    """Two 2-edit shards, each merged on storage (WISE-Retrieve). Trained at once, they may be stored in the same
-    editor report: merges between two checkpoints are published as one version. The last holds all 4 edits."""
-    _, report, _ = wise_run
+    """Two 2-edit shards, each merged on storage (WISE-Retrieve) and checkpointed on its own: every merge is
+    published as a version of its own, right after it. The last holds all 4 edits."""
+    _, report, _, published = wise_run
     serving = report["serving"]
     assert serving["failures"] == 0
-    assert 1 <= serving["version"] <= 2, serving
+    assert [(p["version"], p["merges"], p["edits"]) for p in published] == [(1, 1, 2), (2, 2, 4)], published
+    assert serving["version"] == 2
     assert serving["last"]["edits"] == 4 and serving["last"]["memories"] == 2
     assert serving["urls"] and serving["urls"][0].startswith("http://127.0.0.1:")
 
@@ -76,7 +95,7 @@ def reference(wise_run):
     from orchestrator.model_store import load_model
     from wise.editor import WiseEditor
 
-    cfg, _, state_dir = wise_run
+    cfg, _, state_dir, _ = wise_run
     model, tokenizer = load_model(cfg)
     editor = WiseEditor(model, tokenizer, cfg.wise)
     editor.load(state_dir)
@@ -90,7 +109,7 @@ def pool(wise_run, ray_local):
     from wise.publish import ServingSnapshot
     from wise.state import read_state
 
-    cfg, _, state_dir = wise_run
+    cfg, _, state_dir, _ = wise_run
     snapshot = ServingSnapshot.from_state(*read_state(state_dir))
     spec = ReplicaSpec(
         model=resolve_model_path(cfg.model.name), layer=cfg.wise.layer, reduce=snapshot.reduce, api_key=KEY
@@ -103,7 +122,7 @@ def pool(wise_run, ray_local):
 
 
 def _prompts(run) -> dict[str, list[tuple[str, str]]]:
-    cfg, report, _ = run
+    cfg = run[0]
     recs = [json.loads(line) for line in (Path(cfg.output.dir) / "checkpoint" / "journal.jsonl").open()]
     return {
         "edit": [(r["prompt"], r["target"]) for r in recs],
@@ -189,17 +208,19 @@ def test_every_replica_reports_the_published_version(pool):
 
 
 def test_publish_under_concurrent_load_fails_no_request(pool):
-    """Two more versions are published (rolling) while 4 clients send requests; nothing fails, every replica
-    ends on the last version, and a publish that changes nothing moves only thresholds."""
+    """Two more versions are published (rolling) while 4 clients send requests; nothing fails, requests were in
+    flight during each publish, every replica ends on the last version, and a publish that changes nothing moves
+    only thresholds."""
     p, snapshot = pool
     stop = threading.Event()
-    results: list[int] = []
+    requests: list[tuple[int, float, float]] = []  # (status, sent, answered)
     lock = threading.Lock()
 
     def client(i: int) -> None:
         deadline = time.monotonic() + 90
         sent = 0
         while not stop.is_set() and sent < 40 and time.monotonic() < deadline:
+            t0 = time.monotonic()
             status, _ = post(
                 p.urls[i % 2] + "/v1/completions",
                 {"model": "wise", "prompt": f"Question {i}.{sent}: the capital of France is", "max_tokens": 4,
@@ -207,7 +228,7 @@ def test_publish_under_concurrent_load_fails_no_request(pool):
                 timeout=60,
             )  # fmt: skip
             with lock:
-                results.append(status)
+                requests.append((status, t0, time.monotonic()))
             sent += 1
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
@@ -215,13 +236,18 @@ def test_publish_under_concurrent_load_fails_no_request(pool):
         t.start()
     time.sleep(2)
     start = p.version
+    t0 = time.monotonic()
     first = p.publish(snapshot)
+    t1 = time.monotonic()
     second = p.publish(snapshot)
+    t2 = time.monotonic()
     stop.set()
     for t in threads:
         t.join(timeout=120)
-    assert len(results) >= 8, results
-    assert all(s == 200 for s in results), [s for s in results if s != 200]
+    assert len(requests) >= 8, requests
+    assert all(s == 200 for s, _, _ in requests), [s for s, _, _ in requests if s != 200]
+    for begin, end in ((t0, t1), (t1, t2)):  # each publish overlapped requests being served
+        assert any(sent < end and answered > begin for _, sent, answered in requests), (begin, end, requests)
     assert first["version"] == start + 1 and second["version"] == start + 2
     assert set(p.versions().values()) == {start + 2}
     # the replicas hold every memory already: only the thresholds travel

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,17 +17,12 @@ import urllib.request
 
 import pytest
 import torch
+from helpers import free_port, wait_for
 
 from streams import EditRecord
 from wise.config import WiseConfig
 from wise.editor import WiseEditor
 from wise.state import read_state, write_state
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str) -> dict:
@@ -77,7 +71,7 @@ def test_serve_cli_serves_follows_the_state_and_stops_on_sigterm(tiny_state, tmp
     model_dir, state = tiny_state
     tensors, meta = read_state(state)
     assert len(meta["merged"]) == 2
-    port = _free_port()
+    port = free_port()
     log = (tmp_path / "serve.log").open("w")
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
@@ -114,11 +108,12 @@ def test_serve_cli_serves_follows_the_state_and_stops_on_sigterm(tiny_state, tmp
         # the state changes (a memory is dropped): --watch publishes version 2 holding only one memory
         meta["merged"] = meta["merged"][:1]
         write_state(state, {k: v for k, v in tensors.items() if not k.startswith("merged.1")}, meta)
-        deadline = time.monotonic() + 60
-        info = _get(url + "/wise/version")
-        while info["version"] < 2 and time.monotonic() < deadline:
-            time.sleep(0.5)
-            info = _get(url + "/wise/version")
+        info = wait_for(
+            lambda: (got := _get(url + "/wise/version"))["version"] >= 2 and got,
+            60,
+            what="--watch to publish version 2",
+            interval=0.5,
+        )
         assert info["version"] == 2 and info["memories"] == 1, info
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -60,18 +60,53 @@ def test_editing_changes_only_the_side_memory_and_learns(tiny_model, tiny_tokeni
     assert ((ed.active.delta != 0) & ~mask).sum() == 0 and (ed.active.delta != 0).any()
 
 
-def test_determinism_same_seed_same_state(tiny_tokenizer, edits, pool, tiny_model):
-    import copy
+# One editing run in a fresh process: the tiny model and tokenizer from disk, the WISE settings, records and
+# locality pool as JSON; the state written to the last argument.
+_EDIT_IN_A_FRESH_PROCESS = """
+import json, sys, types
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from wise.config import WiseConfig
+from wise.editor import WiseEditor
 
-    m2 = copy.deepcopy(tiny_model)
-    a = WiseEditor(tiny_model, tiny_tokenizer, _cfg(), irrelevant=pool)
-    b = WiseEditor(m2, tiny_tokenizer, _cfg(), irrelevant=pool)
-    a.apply(edits)
-    b.apply(edits)
-    ta, ma = a.state_dict()
-    tb, mb = b.state_dict()
+model_dir, cfg, records, pool, out, global_seed = sys.argv[1:]
+torch.manual_seed(int(global_seed))  # the global RNG: WISE must draw nothing from it
+model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+editor = WiseEditor(
+    model, AutoTokenizer.from_pretrained(model_dir), WiseConfig.model_validate_json(cfg),
+    irrelevant=[tuple(p) for p in json.loads(pool)],
+)
+editor.apply([types.SimpleNamespace(**r) for r in json.loads(records)])
+editor.save(out)
+"""
+
+
+def test_determinism_same_seed_same_state(tmp_path, model_dir, edits, pool):
+    """Two independent runs (two processes, each with its own model load, global RNG state and hash seed) of the
+    same edits with the same WISE seed write the same state, tensor by tensor: masks, templates and negatives
+    come from generators seeded by (seed, shard), nothing else."""
+    import dataclasses
+    import json
+    import os
+
+    from wise.state import read_state
+
+    args = [_cfg().model_dump_json(), json.dumps([dataclasses.asdict(e) for e in edits]), json.dumps(pool)]
+    states = []
+    for run, global_seed in enumerate((1, 2)):
+        out = tmp_path / f"run{run}"
+        env = {**os.environ, "PYTHONHASHSEED": str(run)}
+        subprocess.run(
+            [sys.executable, "-c", _EDIT_IN_A_FRESH_PROCESS, str(model_dir), *args, str(out), str(global_seed)],
+            check=True, env=env, timeout=300,
+        )  # fmt: skip
+        states.append(read_state(out))
+    (ta, ma), (tb, mb) = states
     assert ma == mb
-    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert ta.keys() == tb.keys() and len(ta) > 2
+    assert any(t.abs().sum() > 0 for t in ta.values())  # the edits were written: equal is not trivially zero
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
 
 
 def test_shard_and_merge_cadence_merge_mode(tiny_model, tiny_tokenizer, edits, pool):

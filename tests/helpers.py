@@ -1,0 +1,52 @@
+"""Helpers shared by the tests: polling with a deadline, a free local port.
+
+Importable as ``helpers`` from any test or conftest (``pythonpath = ["tests"]`` in pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+class WaitTimeout(AssertionError):
+    """:func:`wait_for` gave up: the condition did not hold within its timeout."""
+
+
+def wait_for(predicate: Callable[[], T], timeout: float, *, what: str, interval: float = 0.1) -> T:
+    """Call ``predicate`` every ``interval`` seconds until it returns something truthy, and return that.
+
+    To fail early (a process that died, a server that exited), let ``predicate`` raise: the exception
+    propagates at once.
+
+    Args:
+        predicate: The condition; its truthy result is returned.
+        timeout: Seconds before giving up.
+        what: What is awaited, for the failure message ("the first scrape of the job").
+        interval: Seconds between two calls.
+
+    Returns:
+        The predicate's first truthy result.
+
+    Raises:
+        WaitTimeout: ``timeout`` seconds passed without a truthy result.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise WaitTimeout(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
