@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
 USER_ERRORS = (
     ("orchestrator.checkpoint", "CheckpointError"),
     ("orchestrator.cluster", "ClusterError"),
-    ("orchestrator.job", "JobError"),
+    ("orchestrator.errors", "JobError"),
     ("orchestrator.model_store", "ModelUnavailableError"),
     ("orchestrator.publish", "ServeError"),
     ("serving.pool", "ServingError"),
