@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from streams import LAYOUTS, FormatError, InvalidRecordError, RecordLimits, detect_layout
+from streams import LAYOUTS, EditRecord, FormatError, InvalidRecordError, RecordLimits, detect_layout
 from streams.layouts import get_layout, sniff_layout
 
 DATA = Path(__file__).resolve().parents[2] / "data"  # the samples the project ships
@@ -130,13 +130,38 @@ def test_shipped_samples_parse_completely(name: str, layout: str, count: int) ->
     assert len({r.id for r in records}) == count
 
 
-@pytest.mark.parametrize(("name", "count"), [("nearmiss_dev.jsonl", 70), ("nearmiss_test.jsonl", 70)])
+@pytest.mark.parametrize(
+    ("name", "count"),
+    [
+        ("nearmiss_dev.jsonl", 70),
+        ("nearmiss_test.jsonl", 70),
+        ("samesubject_dev.jsonl", 70),
+        ("samesubject_test.jsonl", 70),
+    ],
+)
 def test_nearmiss_halves_parse_and_their_probes_differ_from_the_targets(name: str, count: int) -> None:
     lines = (DATA / name).read_text(encoding="utf-8").splitlines()
     records = [LAYOUTS["canonical"].to_record(json.loads(line), i, LIMITS) for i, line in enumerate(lines)]
     assert len(records) == count and len({r.prompt for r in records}) == count
     assert all(r.subject and r.rephrase and r.locality_prompt for r in records)
     assert all(r.locality_answer != r.target for r in records)
+
+
+@pytest.mark.parametrize("half", ["dev", "test"])
+def test_samesubject_halves_mirror_the_nearmiss_edits_and_probe_the_same_subject(half: str) -> None:
+    def read(name: str) -> list[EditRecord]:
+        lines = (DATA / name).read_text(encoding="utf-8").splitlines()
+        return [LAYOUTS["canonical"].to_record(json.loads(line), i, LIMITS) for i, line in enumerate(lines)]
+
+    nearmiss, samesubject = read(f"nearmiss_{half}.jsonl"), read(f"samesubject_{half}.jsonl")
+    assert len(samesubject) == len(nearmiss)
+    for near, same in zip(nearmiss, samesubject, strict=True):
+        assert same.id == f"{near.id}-ss"
+        edit = ("prompt", "target", "subject", "rephrase", "ground_truth")
+        assert [getattr(same, k) for k in edit] == [getattr(near, k) for k in edit]
+        assert same.subject in same.locality_prompt
+        assert same.locality_prompt not in (same.prompt, *same.rephrase)
+        assert same.locality_answer not in (same.target, same.ground_truth)
 
 
 def test_irrelevant_pool_parses_and_pairs_each_prompt_with_its_answer() -> None:
