@@ -17,8 +17,9 @@ import torch
 
 from actors.replica import ModelSpec, load_replica
 from wise.config import WiseConfig
+from wise.factory import make_trainer
 from wise.memory import Memory
-from wise.trainer import EditOutcome, ShardTrainer
+from wise.trainer import EditOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ class Edit:
     id: str
     prompt: str
     target: str
+    subject: str | None = None
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,7 @@ class EditorActor:
     ) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         m, tok = load_replica(model)
-        self.trainer = ShardTrainer(m, tok, cfg, irrelevant)
+        self.trainer = make_trainer(m, tok, cfg, irrelevant)
         if setup is not None:
             self.trainer.load_setup_state(setup)
         self.trainer.prepare()

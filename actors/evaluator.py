@@ -15,19 +15,19 @@ import torch
 
 from actors.replica import ModelSpec, load_replica
 from wise.config import WiseConfig
-from wise.editor import WiseEditor
 from wise.evaluate import agreement, answer_predictions, evaluate_records, mean
+from wise.factory import make_editor
 
 logger = logging.getLogger(__name__)
 
 
 class EvaluatorActor:
-    """Holds one model replica routed through a :class:`~wise.editor.WiseEditor` that never trains."""
+    """Holds one model replica routed through a :func:`~wise.factory.make_editor` editor that never trains."""
 
     def __init__(self, model: ModelSpec, cfg: WiseConfig) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         m, tok = load_replica(model)
-        self.editor = WiseEditor(m, tok, cfg)
+        self.editor = make_editor(m, tok, cfg)
 
     def evaluate(
         self,

@@ -32,7 +32,7 @@ def shard_specs(group: list[ShardTask], base: torch.Tensor | None) -> list[Shard
         ShardSpec(
             t.shard_id,
             t.start,
-            tuple(Edit(r.id, r.prompt, r.target) for r in t.records),
+            tuple(Edit(r.id, r.prompt, r.target, r.subject) for r in t.records),
             t.progress,
             None if t.progress is not None else base,
         )

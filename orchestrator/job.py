@@ -40,7 +40,8 @@ from orchestrator.telemetry.monitor import RetentionMonitor
 from orchestrator.telemetry.observer import JobObserver
 from orchestrator.telemetry.sinks import FanoutSink, MetricsSink, default_sink
 from wise.batch import Tokens
-from wise.memory import Memory, MemoryBank
+from wise.factory import make_bank
+from wise.memory import Memory
 from wise.state import write_state
 
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ class EditJob:
         self.publisher: Publisher | None = None  # publishes to the vLLM serving pool (publish.replicas > 0)
         self.metrics: JobMetrics | None = None  # the serving layer reports publishes there too
         # what setup() restores (empty for a fresh job)
-        self.bank = MemoryBank(cfg.wise)
+        self.bank = make_bank(cfg.wise)
         self.book = ShardBook(cfg.wise.save_freq, self.bank)
         self.counters: dict[str, int] = {}
         self.evaluations: list[dict] = []
@@ -114,7 +115,7 @@ class EditJob:
         cfg = self.cfg
         model, tokenizer = _model(cfg)
         irrelevant = irrelevant_pool(cfg)
-        if cfg.wise.margins.scale == "auto" and not irrelevant:
+        if cfg.wise.layout == "shards" and cfg.wise.margins.scale == "auto" and not irrelevant:
             raise JobError(
                 "wise.margins.scale=auto needs an irrelevant pool (irrelevant.path) to measure the scale"
             )

@@ -11,8 +11,9 @@ import torch
 
 from orchestrator.config import JobConfig
 from orchestrator.scheduler import ShardBook
-from wise.editor import compose_state
-from wise.memory import Memory, MemoryBank
+from wise.factory import empty_shard
+from wise.memory import MemoryBank
+from wise.state import compose_state
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class StateView:
         shape, module_path, dtype = self.weight
         active = self.book.active() if include_active else None
         if active is None:
-            active = Memory(torch.zeros(shape, dtype=getattr(torch, dtype)), shard_ids=[self.book.next_store])
+            active = empty_shard(self.cfg.wise, shape, getattr(torch, dtype), self.book.next_store)
         return compose_state(self.cfg.wise, module_path, shape, self.setup, self.bank, active)
 
     def eval_inputs(self, stored: int) -> tuple[dict, dict, list, list, list]:

@@ -73,7 +73,9 @@ def build_report(
     # after SIGTERM, accepted records not applied yet are in the checkpoint: the next run applies them
     # (partly applied shards included: only stored shards and the final partial shard are in the state)
     pending = [i for i in unstored if i not in in_state] if stopped else []
-    lost = sorted(set(accepted) - in_state - set(pending))
+    # superseded (a later edit of the same prompt replaced them) and retracted edits left the state on purpose
+    superseded, retracted = meta.get("superseded", []), meta.get("retracted", [])
+    lost = sorted(set(accepted) - in_state - set(pending) - set(superseded) - set(retracted))
     n = len(applied)
     return {
         "edits_seen": counters["edits_seen"],
@@ -83,6 +85,8 @@ def build_report(
         "duplicates_skipped": counters["duplicates_skipped"],
         "edits_lost": len(lost),
         "edits_pending": len(pending),
+        "edits_superseded": len(superseded),
+        "edits_retracted": len(retracted),
         "stopped_by_signal": stopped,
         "lost_ids": lost[:20],
         "resumed_from": resumed_from,
@@ -129,7 +133,7 @@ def retention_fields(result: dict[str, Any], meta: dict[str, Any]) -> dict[str, 
                 for m in [*meta["merged"], *meta["pending"], meta["active"]]
                 if m["edit_ids"]
             ],
-            "margins": meta["margins"],
+            "margins": meta.get("margins"),
             "mean_steps": result.get("mean_steps"),
         },
     }

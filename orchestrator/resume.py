@@ -18,6 +18,7 @@ from orchestrator.checkpoint import CheckpointStore
 from orchestrator.config import JobConfig
 from orchestrator.scheduler import ShardBook
 from streams import EditRecord
+from wise.factory import make_bank
 from wise.memory import MemoryBank
 
 logger = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def restore(store: CheckpointStore, cfg: JobConfig) -> Restored:
         CheckpointError: the checkpoint is unreadable, another job's, or references missing files.
     """
     ckpt = store.load()
-    bank = MemoryBank(cfg.wise)
+    bank = make_bank(cfg.wise)
     counters = {"duplicates_skipped": 0, "dead_lettered": 0, "edits_seen": 0, "actor_failures": 0}
     journal = store.open_journal(ckpt["accepted"] if ckpt else 0)
     records = [EditRecord.model_validate(r) for r in journal]
@@ -86,6 +87,8 @@ def restore(store: CheckpointStore, cfg: JobConfig) -> Restored:
         [store.read_memory(n) for n in ckpt["bank"]["pending"]],
         [store.read_memory(n) for n in ckpt["bank"]["merged"]],
     )
+    bank.superseded = list(ckpt["bank"].get("superseded", []))
+    bank.retracted = list(ckpt["bank"].get("retracted", []))
     book = ShardBook(cfg.wise.save_freq, bank, first_shard=ckpt["next_store"])
     book.resume(records, {s["shard_id"]: store.read_memory(s["memory"]) for s in ckpt["shards"]})
     counters.update(ckpt["counters"])
@@ -149,6 +152,8 @@ def checkpoint_state(
         "bank": {
             "pending": [store.write_memory(m, "pending") for m in bank.pending],
             "merged": [store.write_memory(m, "merged") for m in bank.merged],
+            "superseded": list(bank.superseded),
+            "retracted": list(bank.retracted),
         },
         "shards": shards,
         "counters": counters,

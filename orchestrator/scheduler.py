@@ -93,11 +93,7 @@ class ShardBook:
         """Whether the shard's starting point is known: always for WISE-Retrieve and for shards under way; for
         a fresh WISE-Merge shard, once every shard of the earlier merge groups is stored (it starts from their
         merge, :meth:`~wise.memory.MemoryBank.base`)."""
-        return (
-            self.bank.cfg.retrieve
-            or task.progress is not None
-            or self.bank.first_of_group(task.shard_id) <= self.next_store
-        )
+        return task.progress is not None or self.bank.startable(task.shard_id, self.next_store)
 
     def ready(self, stream_done: bool) -> list[ShardTask]:
         """Shards with edits to apply, not in flight and :meth:`startable`, lowest id first. The last, partial

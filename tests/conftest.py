@@ -128,8 +128,35 @@ def make_edits(n: int) -> list[dict]:
     return out
 
 
+WISE_KEYED = """wise:
+  layer: 2
+  templates: {count: 2, length: 3}
+  save_freq: 4
+  merge_freq: 8
+  keyed: {columns: 8, n_iter: 8, early_stop_loss: 0.0, block_edits: 16}
+"""
+WISE_SHARDS = """wise:
+  layout: shards
+  layer: 2
+  n_iter: 8
+  early_stop_loss: 0.0
+  templates: {count: 2, length: 3}
+  save_freq: 4
+  merge_freq: 8
+  n_irrelevant: 3
+  hard_negatives: 0.34
+  margins: {alpha: 0.5, beta: 2.0, gamma: 1.0, scale: auto}
+"""
+
+
+@pytest.fixture(params=["keyed"])
+def job_layout(request) -> str:
+    """The memory layout of :func:`job_files`' config; a test parametrizes it to run on both."""
+    return request.param
+
+
 @pytest.fixture
-def job_files(tmp_path, model_dir):
+def job_files(tmp_path, model_dir, job_layout):
     """A stream of 24 edits, a disjoint irrelevant pool, and a YAML config using the tiny model."""
     data = tmp_path / "edits.jsonl"
     data.write_text("\n".join(json.dumps(e) for e in make_edits(24)) + "\n")
@@ -151,17 +178,7 @@ def job_files(tmp_path, model_dir):
 model: {{name: {model_dir}}}
 stream: {{path: {data}, format: jsonl}}
 irrelevant: {{path: {pool}, format: jsonl}}
-wise:
-  layer: 2
-  n_iter: 8
-  early_stop_loss: 0.0
-  templates: {{count: 2, length: 3}}
-  save_freq: 4
-  merge_freq: 8
-  n_irrelevant: 3
-  hard_negatives: 0.34
-  margins: {{alpha: 0.5, beta: 2.0, gamma: 1.0, scale: auto}}
-eval: {{generate: false}}
+{WISE_KEYED if job_layout == "keyed" else WISE_SHARDS}eval: {{generate: false}}
 """
     )
     return config

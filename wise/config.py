@@ -65,9 +65,61 @@ class MergeConfig(FrozenConfig):
     weights: float = Field(1.0, gt=0, description="scale applied to the merged task vector")
 
 
-class WiseConfig(FrozenConfig):
-    """All WISE hyper-parameters. See the README's config section for what each does."""
+class KeyedConfig(FrozenConfig):
+    """The keyed layout (``wise.layout: keyed``, the default): every edit writes ``columns`` columns of one
+    residual memory block (chosen at random per edit), and a query reaches them only through its subject (see
+    :mod:`wise.keyed.table`). Memory and serving cost stay bounded: one dense block per ``block_edits`` edits plus
+    a few hundred bytes per edit. Settings chosen on the development split: ``docs/design.md``."""
 
+    columns: int = Field(64, ge=1, le=65536, description="memory columns each edit writes and reads")
+    block_edits: int = Field(
+        2000, ge=1, description="edits per residual memory block (a multiple of merge_freq)"
+    )
+    lr: float = Field(0.05, gt=0, description="Adam learning rate of an edit's columns")
+    n_iter: int = Field(30, ge=1, description="optimisation steps per edit at most")
+    early_stop_loss: float = Field(0.02, ge=0, description="stop an edit once its target loss is below this")
+    relation_dim: int = Field(256, ge=8, le=4096, description="size of the relation keys")
+    min_similarity: float | None = Field(
+        None,
+        ge=-1,
+        le=1,
+        description="an edit whose subject matches answers only if its relation key's cosine similarity to "
+        "the query reaches this (None: the subject alone decides)",
+    )
+
+
+# keys that only the shards layout (WISE's own: dense shards, margins, activation router) reads
+SHARD_ONLY = (
+    "lr",
+    "n_iter",
+    "early_stop_loss",
+    "norm_constraint",
+    "mask_ratio",
+    "mask_kind",
+    "margins",
+    "act_ratio",
+    "router_reduce",
+    "n_irrelevant",
+    "hard_negatives",
+    "merge",
+    "retrieve",
+    "anchor_previous",
+    "replay",
+    "replay_size",
+    "batch_size",
+)
+
+
+class WiseConfig(FrozenConfig):
+    """All editing hyper-parameters. ``docs/configuration.md`` says what each does.
+
+    ``layout`` picks the memory layout: ``keyed`` (default; bounded cost, subject routing, ``keyed.*``) or
+    ``shards`` (WISE as in the paper: a dense side memory per shard, margins, activation routing; the keys
+    listed in :data:`SHARD_ONLY`). A key of the other layout is an error, not silently ignored.
+    """
+
+    layout: Literal["keyed", "shards"] = "keyed"
+    keyed: KeyedConfig = KeyedConfig()
     layer: int = Field(23, ge=0, description="index of the edited decoder block")
     module: str | None = Field(
         None,
@@ -124,4 +176,16 @@ class WiseConfig(FrozenConfig):
             raise ValueError(
                 f"save_freq ({self.save_freq}) must be a multiple of batch_size ({self.batch_size})"
             )
+        if self.layout == "keyed":
+            # a value other than the default (a dumped config, which lists every key, still loads)
+            wrong = [k for k in SHARD_ONLY if getattr(self, k) != type(self).model_fields[k].default]
+            if wrong:
+                raise ValueError(f"{', '.join(wrong)}: only for layout 'shards' (this is layout 'keyed')")
+            if self.keyed.block_edits % self.merge_freq:
+                raise ValueError(
+                    f"keyed.block_edits ({self.keyed.block_edits}) must be a multiple of merge_freq "
+                    f"({self.merge_freq})"
+                )
+        elif self.keyed != KeyedConfig():
+            raise ValueError("keyed: only for layout 'keyed' (this is layout 'shards')")
         return self

@@ -7,7 +7,7 @@ list for WISE-Retrieve). Every applied edit is routable at once: the router sees
 memories alike.
 ``state_dict()`` / ``load_state_dict()`` capture everything needed to continue identically; ``save()`` /
 ``load()`` write safetensors + JSON (never pickle). The distributed orchestrator builds the same state from
-shards trained on several replicas (:func:`compose_state`).
+shards trained on several replicas (:func:`wise.state.compose_state`).
 """
 
 from __future__ import annotations
@@ -22,44 +22,10 @@ from torch import nn
 from wise.batch import PromptTooLongError
 from wise.config import WiseConfig
 from wise.memory import Memory, MemoryBank
-from wise.state import STATE_VERSION, StateError, read_state, write_state
+from wise.state import StateError, check_state, compose_state, read_state, write_state
 from wise.trainer import EditLike, EditOutcome, ShardTrainer
 
 logger = logging.getLogger(__name__)
-
-
-def compose_state(
-    cfg: WiseConfig,
-    module_path: str,
-    weight_shape: Sequence[int],
-    setup: dict,
-    bank: MemoryBank,
-    active: Memory,
-) -> tuple[dict[str, torch.Tensor], dict]:
-    """The editor state (tensors, JSON metadata) of a bank plus the active shard.
-
-    Args:
-        cfg: WISE settings the state was produced with.
-        module_path: the edited projection, e.g. ``model.layers.23.mlp.down_proj``.
-        weight_shape: its weight's shape.
-        setup: ``{"templates": [...], "margins": [a, b, g]}`` from :meth:`ShardTrainer.setup_state`.
-        bank: stored and merged memories.
-        active: the shard being trained (possibly empty).
-    """
-    tensors, bank_meta = bank.state()
-    tensors.update(active.tensors("active"))
-    meta = {
-        "version": STATE_VERSION,
-        "config": cfg.model_dump(mode="json"),
-        "module_path": module_path,
-        "weight_shape": list(weight_shape),
-        "n_edits": bank.n_edits() + len(active.edit_ids),
-        "templates": setup["templates"],
-        "margins": setup["margins"],
-        "active": active.meta(),
-        **bank_meta,
-    }
-    return tensors, meta
 
 
 class WiseEditor:
@@ -216,20 +182,7 @@ class WiseEditor:
         Raises:
             StateError: version, config, module or shape mismatch.
         """
-        if meta.get("version") != STATE_VERSION:
-            raise StateError(f"state format version {meta.get('version')} is not {STATE_VERSION}")
-        if (
-            meta["module_path"] != self.layout.module_path
-            or list(self.routed.weight.shape) != meta["weight_shape"]
-        ):
-            raise StateError(
-                f"state edits {meta['module_path']} {meta['weight_shape']}, this editor "
-                f"{self.layout.module_path} {list(self.routed.weight.shape)}"
-            )
-        saved = WiseConfig.model_validate(meta["config"])
-        if saved != self.cfg:
-            diff = sorted(k for k, v in saved.model_dump().items() if self.cfg.model_dump()[k] != v)
-            raise StateError(f"state was written with different wise settings: {diff}")
+        check_state(meta, self.layout.module_path, self.routed.weight.shape, self.cfg)
         dev, dtype = self.device, self.routed.weight.dtype
         self.trainer.load_setup_state(meta)
         self.active = Memory.from_state(tensors, "active", meta["active"], dev, dtype)

@@ -381,17 +381,23 @@ class CachedEngine(_Engine):
         logits = self.layout.lm_head(h).float()  # (N, V)
         return F.cross_entropy(logits, sel.label_ids, reduction="none")
 
-    def frozen_prefix(self, batch: Batch) -> _Frozen:
-        """Run the frozen network once for a batch of edit rows (one group, all rows trained): then
-        :meth:`label_loss` costs only the blocks above the edited one. Used by the baseline editors."""
+    def frozen_prefix(
+        self, batch: Batch, row_shard: torch.Tensor | None = None, n_shards: int = 1
+    ) -> _Frozen:
+        """Run the frozen network once for a batch of edit rows (all rows trained; ``row_shard`` (B,) groups
+        them, default one group): then :meth:`label_loss` costs only the blocks above the edited one. Used by
+        the keyed layout and the baseline editors; :meth:`select` picks the groups still training."""
         n = batch.input_ids.shape[0]
         device = batch.input_ids.device
-        plan = _Plan.build(
-            batch, torch.ones(n, dtype=torch.bool, device=device), torch.zeros(n, dtype=torch.long), 1
-        )
+        owner = torch.zeros(n, dtype=torch.long) if row_shard is None else row_shard
+        plan = _Plan.build(batch, torch.ones(n, dtype=torch.bool, device=device), owner, n_shards)
         st = self._prepare(batch, plan)
-        self._select(st, [0])
+        self._select(st, list(range(n_shards)))
         return st
+
+    def select(self, st: _Frozen, active: list[int]) -> None:
+        """Restrict :meth:`label_loss` to the edit rows of the groups in ``active`` (in that order)."""
+        self._select(st, active)
 
 
 @dataclass

@@ -26,7 +26,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Memory:
-    """One side memory: its task vector, its edits, and their routing keys."""
+    """One side memory: its task vector, its edits, and their routing keys.
+
+    The shards layout routes on ``threshold`` and keeps each edit's prompt activations in ``keys``; the keyed
+    layout (:mod:`wise.keyed`) keeps, per edit, the memory columns it wrote (``columns``), its relation key
+    (``relkeys``) and the token ids of its subject (``subjects``).
+    """
 
     delta: torch.Tensor  # (d_out, d_in): side - main
     edit_ids: list[str] = field(default_factory=list)
@@ -35,9 +40,14 @@ class Memory:
     shard_ids: list[int] = field(default_factory=list)
     threshold: float = float("inf")
     keys: list[torch.Tensor] = field(default_factory=list)  # per edit (p_i, d_in) float16 on CPU; may be []
+    columns: torch.Tensor | None = None  # keyed: (E, k) long, the columns each edit writes
+    relkeys: torch.Tensor | None = None  # keyed: (E, r) float16 unit relation keys
+    subjects: list[list[list[int]]] = field(
+        default_factory=list
+    )  # keyed: per edit its subject token variants
 
     def meta(self) -> dict:
-        return {
+        out = {
             "edit_ids": self.edit_ids,
             "prompts": self.prompts,
             "targets": self.targets,
@@ -45,13 +55,38 @@ class Memory:
             "threshold": self.threshold,
             "keys": len(self.keys),
         }
+        if self.columns is not None:
+            out["subjects"] = self.subjects
+        return out
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         """The memory's tensors under ``prefix`` (for safetensors)."""
         out = {prefix: self.delta.detach().contiguous().cpu()}
         for i, k in enumerate(self.keys):
             out[f"{prefix}.key.{i}"] = k.contiguous()
+        if self.columns is not None and self.relkeys is not None:
+            out[f"{prefix}.columns"] = self.columns.to(torch.int32).contiguous().cpu()
+            out[f"{prefix}.relkeys"] = self.relkeys.to(torch.float16).contiguous().cpu()
         return out
+
+    def drop(self, ids: set[str]) -> list[str]:
+        """Remove the edits in ``ids`` from this memory's edit list and routing keys (its task vector keeps
+        what they wrote). Returns the ids removed, in order."""
+        keep = [i for i, e in enumerate(self.edit_ids) if e not in ids]
+        gone = [e for e in self.edit_ids if e in ids]
+        if not gone:
+            return []
+        self.edit_ids = [self.edit_ids[i] for i in keep]
+        self.prompts = [self.prompts[i] for i in keep]
+        self.targets = [self.targets[i] for i in keep]
+        if self.keys:
+            self.keys = [self.keys[i] for i in keep]
+        if self.columns is not None and self.relkeys is not None:
+            index = torch.tensor(keep, dtype=torch.long)
+            self.columns = self.columns[index]
+            self.relkeys = self.relkeys[index]
+            self.subjects = [self.subjects[i] for i in keep]
+        return gone
 
     @classmethod
     def from_state(
@@ -64,6 +99,7 @@ class Memory:
     ) -> Memory:
         """Rebuild a memory written by :meth:`tensors` / :meth:`meta`."""
         delta = tensors[prefix]
+        keyed = f"{prefix}.columns" in tensors
         return cls(
             delta.to(device, dtype or delta.dtype),
             list(meta["edit_ids"]),
@@ -72,6 +108,9 @@ class Memory:
             list(meta["shard_ids"]),
             float(meta["threshold"]),
             [tensors[f"{prefix}.key.{i}"] for i in range(int(meta.get("keys", 0)))],
+            tensors[f"{prefix}.columns"].long() if keyed else None,
+            tensors[f"{prefix}.relkeys"] if keyed else None,
+            [[list(v) for v in s] for s in meta.get("subjects", [])] if keyed else [],
         )
 
     def detached(self) -> Memory:
@@ -84,6 +123,9 @@ class Memory:
             list(self.shard_ids),
             self.threshold,
             [k.clone() for k in self.keys],
+            None if self.columns is None else self.columns.clone(),
+            None if self.relkeys is None else self.relkeys.clone(),
+            [[list(v) for v in s] for s in self.subjects],
         )
 
 
@@ -136,6 +178,8 @@ class MemoryBank:
         self.transposed = transposed
         self.pending: list[Memory] = []
         self.merged: list[Memory] = []
+        self.superseded: list[str] = []  # the shards layout never removes an edit (see wise.keyed.bank)
+        self.retracted: list[str] = []
         self.on_merge: Callable[[list[Memory], torch.Tensor | None, Memory], None] | None = None
 
     def restore(self, pending: list[Memory], merged: list[Memory]) -> None:
@@ -173,6 +217,11 @@ class MemoryBank:
         if self.cfg.retrieve or not self.merged:
             return None
         return self.merged[0].delta
+
+    def startable(self, shard_id: int, next_store: int) -> bool:
+        """Whether a fresh shard can start training once the shards before ``next_store`` are stored: always
+        for WISE-Retrieve; for WISE-Merge, once its merge group's base (the earlier groups' merge) exists."""
+        return self.cfg.retrieve or self.first_of_group(shard_id) <= next_store
 
     def first_of_group(self, shard_id: int) -> int:
         """The first shard of ``shard_id``'s merge group (shards of one group start from the same base)."""

@@ -11,7 +11,7 @@ routing are not the trainer's business: see :mod:`wise.memory`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -374,21 +374,30 @@ class ShardTrainer:
         Returns:
             Per shard, the outcomes of the edits applied by this call.
         """
-        bs = self.cfg.batch_size
-        todo = [list(e) for e in edits]
-        done = [0] * len(shards)
-        outcomes: list[list[EditOutcome]] = [[] for _ in shards]
-        budget = limit if limit is not None else max((len(t) for t in todo), default=0)
-        while True:
-            live = [s for s in range(len(shards)) if done[s] < min(len(todo[s]), budget)]
-            if not live:
-                return outcomes
-            chunks = [todo[s][done[s] : done[s] + min(bs, budget - done[s])] for s in live]
-            outs = self.step(
-                [shards[s] for s in live],
-                [starts[s] + len(shards[s].edit_ids) for s in live],
-                chunks,
-            )
-            for s, c, o in zip(live, chunks, outs, strict=True):
-                done[s] += len(c)
-                outcomes[s] += o
+        return lockstep(self.step, shards, starts, edits, limit, self.cfg.batch_size)
+
+
+def lockstep(
+    step: Callable[[Sequence[Memory], Sequence[int], Sequence[Sequence[EditLike]]], list[list[EditOutcome]]],
+    shards: Sequence[Memory],
+    starts: Sequence[int],
+    edits: Sequence[Sequence[EditLike]],
+    limit: int | None,
+    batch_size: int,
+) -> list[list[EditOutcome]]:
+    """Advance shards together through ``step`` (one optimisation per live shard per call), ``batch_size`` edits
+    at a time, at most ``limit`` edits each; shard ``s``'s next edit is at stream index ``starts[s]`` plus the
+    edits it holds. Returns per shard the outcomes of the edits applied."""
+    todo = [list(e) for e in edits]
+    done = [0] * len(shards)
+    outcomes: list[list[EditOutcome]] = [[] for _ in shards]
+    budget = limit if limit is not None else max((len(t) for t in todo), default=0)
+    while True:
+        live = [s for s in range(len(shards)) if done[s] < min(len(todo[s]), budget)]
+        if not live:
+            return outcomes
+        chunks = [todo[s][done[s] : done[s] + min(batch_size, budget - done[s])] for s in live]
+        outs = step([shards[s] for s in live], [starts[s] + len(shards[s].edit_ids) for s in live], chunks)
+        for s, c, o in zip(live, chunks, outs, strict=True):
+            done[s] += len(c)
+            outcomes[s] += o

@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _wise_cfg():
     return WiseConfig.model_validate(
         dict(
+            layout="shards",
             layer=2,
             n_iter=6,
             templates={"count": 1, "length": 3},

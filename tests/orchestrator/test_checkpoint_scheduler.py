@@ -86,7 +86,7 @@ def test_memories_round_trip_and_unreferenced_files_are_collected(tmp_path):
 
 
 def test_shards_finishing_out_of_order_enter_the_bank_in_order_and_merge_on_cadence():
-    cfg = WiseConfig(save_freq=2, merge_freq=4, retrieve=False)
+    cfg = WiseConfig(layout="shards", save_freq=2, merge_freq=4, retrieve=False)
     book = ShardBook(2, MemoryBank(cfg))
     for i in range(5):
         book.add(_rec(i))
@@ -108,8 +108,8 @@ def test_shards_finishing_out_of_order_enter_the_bank_in_order_and_merge_on_cade
 
 
 def test_wise_merge_shards_wait_for_the_earlier_groups_merge_and_retrieve_shards_do_not():
-    merge = ShardBook(2, MemoryBank(WiseConfig(save_freq=2, merge_freq=4, retrieve=False)))
-    retrieve = ShardBook(2, MemoryBank(WiseConfig(save_freq=2, merge_freq=4, retrieve=True)))
+    merge = ShardBook(2, MemoryBank(WiseConfig(layout="shards", save_freq=2, merge_freq=4, retrieve=False)))
+    retrieve = ShardBook(2, MemoryBank(WiseConfig(layout="shards", save_freq=2, merge_freq=4, retrieve=True)))
     for book in (merge, retrieve):
         for i in range(12):
             book.add(_rec(i))
@@ -126,7 +126,7 @@ def test_wise_merge_shards_wait_for_the_earlier_groups_merge_and_retrieve_shards
 
 
 def test_progress_that_is_not_a_prefix_of_the_shard_is_refused():
-    book = ShardBook(2, MemoryBank(WiseConfig(save_freq=2, merge_freq=2)))
+    book = ShardBook(2, MemoryBank(WiseConfig(layout="shards", save_freq=2, merge_freq=2)))
     book.add(_rec(0))
     book.add(_rec(1))
     with pytest.raises(ValueError, match="expected"):

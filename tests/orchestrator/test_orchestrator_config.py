@@ -23,13 +23,22 @@ def test_there_is_a_default_config():
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = build_config({}, ["wise.layer=20", "eval.generate=false", "wise.margins.alpha=3", "max_edits=7"])
+    cfg = build_config({}, ["wise.layer=20", "eval.generate=false", "wise.keyed.columns=32", "max_edits=7"])
     assert (
         cfg.wise.layer == 20
         and cfg.eval.generate is False
-        and cfg.wise.margins.alpha == 3
+        and cfg.wise.keyed.columns == 32
         and cfg.max_edits == 7
     )
+    shards = build_config({}, ["wise.layout=shards", "wise.margins.alpha=3"])
+    assert shards.wise.layout == "shards" and shards.wise.margins.alpha == 3
+
+
+def test_a_key_of_the_other_layout_is_an_error_naming_it():
+    with pytest.raises(ConfigError, match=r"wise: margins: only for layout 'shards'"):
+        build_config({}, ["wise.margins.alpha=3"])
+    with pytest.raises(ConfigError, match=r"wise: keyed: only for layout 'keyed'"):
+        build_config({}, ["wise.layout=shards", "wise.keyed.columns=8"])
     assert parse_overrides(["stream.path=a=b.json"]) == [("stream.path", "a=b.json")]
 
 

@@ -39,25 +39,32 @@ def _edit_lines(edits):
     ]
 
 
-def _overrides(tmp_path, model_dir):
-    return [
+def _overrides(tmp_path, model_dir, layout="keyed"):
+    common = [
         f"model.name={model_dir}",
         "wise.layer=2",
-        "wise.n_iter=5",
         "wise.templates.count=1",
         "wise.templates.length=2",
         "wise.save_freq=2",
         "wise.merge_freq=2",
+        f"output.dir={tmp_path / 'out'}",
+    ]
+    if layout == "keyed":
+        return [*common, "wise.keyed.n_iter=5", "wise.keyed.columns=8", "wise.keyed.block_edits=4"]
+    return [
+        *common,
+        "wise.layout=shards",
+        "wise.n_iter=5",
         "wise.n_irrelevant=1",
         "wise.margins.scale=auto",
         "wise.margins.alpha=0.5",
         "wise.margins.beta=2",
         "wise.margins.gamma=1",
-        f"output.dir={tmp_path / 'out'}",
     ]
 
 
-def test_cli_run_writes_report_state_and_dead_letters(ray_local, tmp_path, model_dir, edits, capsys):
+@pytest.mark.parametrize("layout", ["keyed", "shards"])
+def test_cli_run_writes_report_state_and_dead_letters(ray_local, tmp_path, model_dir, edits, capsys, layout):
     data = tmp_path / "edits.jsonl"
     lines = _edit_lines(edits[:3])
     lines.insert(1, '{"id": "bad1", "prompt": "no target here"}')
@@ -71,7 +78,7 @@ def test_cli_run_writes_report_state_and_dead_letters(ray_local, tmp_path, model
     config.write_text(f"stream:\n  path: {data}\n  format: jsonl\nirrelevant:\n  path: {pool}\n")
     report_path = tmp_path / "r.json"
     args = ["run", str(config), "--report", str(report_path), "--set", "wise.max_prompt_tokens=64"]
-    for o in _overrides(tmp_path, model_dir):
+    for o in _overrides(tmp_path, model_dir, layout):
         args += ["--set", o]
     assert main(args) == 0
     out = capsys.readouterr().out
@@ -87,8 +94,10 @@ def test_cli_run_writes_report_state_and_dead_letters(ray_local, tmp_path, model
     # router diagnostics: an edit prompt's best routing score over its memory's threshold. A threshold is act_ratio
     # x the lowest score among its memory's own edits (their keys kept in float16: 1% slack), so every edit prompt
     # scores at least 1 / act_ratio (1.14) times it, and every edit routes to a side memory
-    act_ratio = report["config"]["wise"]["act_ratio"]
-    assert report["score_over_threshold"]["edit"]["min"] >= 0.99 / act_ratio
+    # (keyed: an edit prompt holds its own subject, so it always routes; the ratio is 1 + relation similarity,
+    # which is 2 for the edit's own prompt up to float16 keys)
+    floor = 0.99 / report["config"]["wise"]["act_ratio"] if layout == "shards" else 1.99
+    assert report["score_over_threshold"]["edit"]["min"] >= floor
     assert report["routed_fraction"]["edit"] == 1.0
     assert [e["id"] for e in report["per_edit"]] == ["e0", "e1", "e2"]
     dead = read_dead_letters(tmp_path / "out" / "dead_letter.jsonl")
@@ -121,7 +130,7 @@ def test_cli_reports_config_errors_cleanly(tmp_path, capsys):
 
 
 def test_auto_margins_without_pool_fail_at_setup(ray_local, tmp_path, model_dir, edits):
-    cfg = build_config({}, _overrides(tmp_path, model_dir))
+    cfg = build_config({}, _overrides(tmp_path, model_dir, "shards"))
     with pytest.raises(JobError, match="needs an irrelevant pool"):
         run_job(cfg, records=iter(_edit_lines(edits[:1])))
 
@@ -137,7 +146,7 @@ def test_speed_benchmark_and_layer_scan_on_tiny_model(tmp_path, model_dir, edits
     config = tmp_path / "job.yaml"
     config.write_text(f"stream:\n  path: {data}\n  format: jsonl\nirrelevant:\n  path: {data}\n")
     args = []
-    for o in _overrides(tmp_path, model_dir):
+    for o in _overrides(tmp_path, model_dir, "shards"):
         args += ["--set", o]
     assert main(["bench", "speed", "--edits", "2", "--config", str(config), *args]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

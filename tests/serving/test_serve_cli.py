@@ -53,7 +53,9 @@ def tiny_state(tmp_path, tiny_tokenizer):
     model_dir = tmp_path / "model"
     tiny_model.save_pretrained(model_dir)
     tiny_tokenizer.save_pretrained(model_dir)
-    cfg = WiseConfig(layer=1, n_iter=5, save_freq=1, merge_freq=1, retrieve=True, n_irrelevant=2)
+    cfg = WiseConfig(
+        layout="shards", layer=1, n_iter=5, save_freq=1, merge_freq=1, retrieve=True, n_irrelevant=2
+    )
     editor = WiseEditor(
         tiny_model, tiny_tokenizer, cfg, irrelevant=[("The sky is", "blue"), ("Water is", "wet")]
     )

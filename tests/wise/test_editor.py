@@ -14,6 +14,7 @@ from wise.layout import LayoutError
 
 def _cfg(**kw):
     base = dict(
+        layout="shards",
         layer=2,
         n_iter=6,
         templates={"count": 2, "length": 3},
@@ -218,7 +219,7 @@ def test_too_long_prompt_is_rejected_before_editing(tiny_model, tiny_tokenizer, 
 
 def test_config_errors_name_the_problem():
     with pytest.raises(ValidationError, match=r"merge_freq \(10\) must be a multiple of save_freq \(3\)"):
-        WiseConfig(save_freq=3, merge_freq=10)
+        WiseConfig(layout="shards", save_freq=3, merge_freq=10)
     with pytest.raises(ValidationError, match="mask_ratoi"):
         WiseConfig.model_validate({"mask_ratoi": 0.2})
     with pytest.raises(ValidationError, match=r"unknown merge method 'dare'"):
@@ -227,9 +228,13 @@ def test_config_errors_name_the_problem():
 
 def test_layout_errors(tiny_model, tiny_tokenizer):
     with pytest.raises(LayoutError, match="out of range"):
-        WiseEditor(tiny_model, tiny_tokenizer, WiseConfig(layer=9))
+        WiseEditor(tiny_model, tiny_tokenizer, WiseConfig(layout="shards", layer=9))
     with pytest.raises(LayoutError, match="must lie inside block"):
-        WiseEditor(tiny_model, tiny_tokenizer, WiseConfig(layer=1, module="model.layers.2.mlp.down_proj"))
+        WiseEditor(
+            tiny_model,
+            tiny_tokenizer,
+            WiseConfig(layout="shards", layer=1, module="model.layers.2.mlp.down_proj"),
+        )
 
 
 def test_gpt2_layout_is_supported(tiny_tokenizer, edits, pool):

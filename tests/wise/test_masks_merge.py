@@ -73,7 +73,9 @@ def _shard(i: int, delta: torch.Tensor) -> Memory:
 def test_wise_merge_adds_the_merge_of_later_shards_to_the_merged_memory_and_retrieve_keeps_groups_apart():
     g = torch.Generator().manual_seed(0)
     deltas = [torch.randn(4, 6, generator=g) * shard_mask((4, 6), 0.5, "random", 0, i) for i in range(4)]
-    cfg = WiseConfig(save_freq=1, merge_freq=2, retrieve=False, merge={"method": "ties", "density": 0.53})
+    cfg = WiseConfig(
+        layout="shards", save_freq=1, merge_freq=2, retrieve=False, merge={"method": "ties", "density": 0.53}
+    )
     bank = MemoryBank(cfg)
     assert bank.base() is None  # the first group starts from the main memory
     assert [bank.first_of_group(i) for i in range(5)] == [0, 0, 2, 2, 4]
@@ -112,7 +114,7 @@ def test_wise_merge_adds_the_merge_of_later_shards_to_the_merged_memory_and_retr
 def test_on_merge_sees_each_group_its_base_and_the_merged_memory():
     g = torch.Generator().manual_seed(1)
     deltas = [torch.randn(4, 6, generator=g) * shard_mask((4, 6), 0.5, "random", 0, i) for i in range(4)]
-    bank = MemoryBank(WiseConfig(save_freq=1, merge_freq=2, retrieve=False))
+    bank = MemoryBank(WiseConfig(layout="shards", save_freq=1, merge_freq=2, retrieve=False))
     seen = []
     bank.on_merge = lambda group, base, merged: seen.append(
         ([m.shard_ids[0] for m in group], None if base is None else base.clone(), merged)
