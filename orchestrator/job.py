@@ -164,7 +164,7 @@ class EditJob:
 
             version, module_path = self._published_version, info["module_path"]
             self.publisher = Publisher(
-                cfg.publish, cfg.model.name, cfg.wise, module_path, self.metrics, version
+                cfg.publish, cfg.model.name, cfg.wise, module_path, self.metrics, version, setup
             )
             self.publisher.start(self.bank.memories())
 

@@ -23,7 +23,7 @@ from orchestrator.model_store import resolve_model_path
 from serving.pool import ReplicaSpec, ServingError, ServingPool
 from wise.config import WiseConfig
 from wise.memory import Memory
-from wise.publish import PublishError, ServingSnapshot
+from wise.publish import PublishError, ServingSnapshot, snapshot_of
 from wise.state import read_state
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ def replica_spec(pub: PublishConfig, model: str, wise: WiseConfig) -> ReplicaSpe
         layer=wise.layer,
         module=wise.module or "mlp.down_proj",
         reduce=wise.router_reduce,
+        layout=wise.layout,
         host=pub.host,
         port=pub.port,
         api_key=key,
@@ -61,8 +62,9 @@ class Publisher:
     Args:
         pub: ``publish.*`` settings.
         model: ``model.name``.
-        wise: the job's WISE settings (edited layer, router reduction).
+        wise: the job's WISE settings (edited layer, layout, router).
         module_path: the edited projection's path.
+        setup: what the editors share (the keyed layout's relation ``center``).
         metrics: the job's :class:`~orchestrator.telemetry.metrics.JobMetrics` (or None).
         version: the last version published before a restart (from the checkpoint).
     """
@@ -75,10 +77,12 @@ class Publisher:
         module_path: str,
         metrics: Any = None,
         version: int = 0,
+        setup: dict | None = None,
     ) -> None:
         self.pub = pub
         self.module_path = module_path
-        self.reduce = wise.router_reduce
+        self.wise = wise.model_dump(mode="json")
+        self.setup = setup or {}
         self.pool = ServingPool(replica_spec(pub, model, wise), pub.replicas, metrics=metrics)
         self.pool.version = version
         self.published_edits = -1
@@ -113,7 +117,7 @@ class Publisher:
 
     def publish(self, memories: list[Memory]) -> dict | None:
         try:
-            snapshot = ServingSnapshot.from_memories(self.module_path, self.reduce, memories)
+            snapshot = snapshot_of(self.wise, self.module_path, memories, self.setup)
         except PublishError:
             return None
         try:
@@ -186,7 +190,7 @@ def load_source(path: str | Path) -> tuple[ServingSnapshot, str | None, WiseConf
             raise ServeError(str(err)) from err
         module_path = _module_path(wise)
         try:
-            snap = ServingSnapshot.from_memories(module_path, wise.router_reduce, mems)
+            snap = snapshot_of(job["wise"], module_path, mems, ckpt.get("setup") or {})
         except PublishError as err:
             raise ServeError(f"{path}: {err} (no shard stored yet)") from err
         return snap, job.get("model"), wise

@@ -51,7 +51,8 @@ class ReplicaSpec:
 
     Attributes:
         model: checkpoint directory (HF layout) of the unedited model.
-        layer / module / reduce: the edited projection and the router reduction (from the WISE state).
+        layer / module / reduce / layout: the edited projection, the router reduction and the memory layout
+            (from the state it serves).
         host / port: where the OpenAI server listens; port 0 picks a free one. Replicas of one pool share
             ``port``: each takes the first free one of ``port .. port + port_tries - 1`` on its node, so one
             replica per node (a pod) always gets ``port`` itself.
@@ -66,6 +67,7 @@ class ReplicaSpec:
     layer: int
     module: str = "mlp.down_proj"
     reduce: str = "mean"
+    layout: str = "keyed"
     host: str = "127.0.0.1"
     port: int = 0
     port_tries: int = 1
@@ -94,6 +96,7 @@ class ReplicaSpec:
             "wise_layer": self.layer,
             "wise_module": self.module,
             "wise_reduce": self.reduce,
+            "wise_layout": self.layout,
             "wise_capacity": self.capacity,
         }
         args = [

@@ -8,13 +8,16 @@ after construction): the edited projection (``hf_config.wise_layer`` / ``wise_mo
 (vLLM's CPU backend repacks its own Linear layers after loading, so they cannot be changed in place):
 
 - ``weight``: the main memory, loaded by name from the pretrained checkpoint;
-- ``deltas`` (capacity, d_out, d_in) and ``thresholds`` (capacity,): the side memories, filled by a publish
-  (:mod:`serving.vllm_worker`), of which the first ``count`` are live.
+- shards layout: ``deltas`` (capacity, d_out, d_in) and ``thresholds`` (capacity,), filled by a publish
+  (:mod:`serving.vllm_worker`), of which the first ``count`` are live;
+- keyed layout: ``table_t`` (the residual blocks, transposed and stacked) and the routing table.
 
-Routing (Eq. 4) follows :func:`wise.publish.route_flat`: vLLM lays the batch's sequences end to end; the forward
-context's ``query_start_loc`` gives the segments, so a prefill routes on its whole prompt and a decode step on
-its one new token. Prefix caching and chunked prefill must be off (the serving replica turns them off): both
-would split a prompt's routing decision.
+Routing follows :func:`wise.publish.keyed_flat` / :func:`wise.publish.route_flat`: vLLM lays the batch's
+sequences end to end; the forward context's ``query_start_loc`` gives the segments. A prefill routes on its whole
+prompt and stores the route under the request's first KV-cache block; its decode steps read it back
+(:class:`wise.publish.Hold`), so a generation keeps the route its prompt chose, as the evaluator measures it.
+The keyed router reads the token ids, which the model's ``forward`` hands to this module. Prefix caching and
+chunked prefill must be off (the serving replica turns them off): both would split a prompt's route.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import logging
 import torch
 from torch import nn
 
-from wise.publish import REDUCTIONS, route_flat
+from wise.publish import REDUCTIONS, Hold, keyed_flat, route_flat
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +50,12 @@ class WiseRoutedProjection(nn.Module):
         in_features / out_features: the projection's shape (weight is (out, in)).
         dtype: the model's dtype.
         attn_layer: name of the attention layer whose metadata gives the sequence boundaries.
-        reduce: router reduction over a segment's tokens.
-        capacity: side-memory slots allocated up front (grown by a publish that needs more).
+        reduce: router reduction over a segment's tokens (shards layout).
+        capacity: side-memory slots allocated up front (grown by a publish that needs more; shards layout).
+        layout: ``keyed`` or ``shards``, as the published states.
     """
+
+    HELD_SLOTS = 1 << 20  # routes kept per first KV block (index modulo this)
 
     def __init__(
         self,
@@ -59,44 +65,114 @@ class WiseRoutedProjection(nn.Module):
         attn_layer: str,
         reduce: str = "mean",
         capacity: int = 8,
+        layout: str = "shards",
     ) -> None:
         super().__init__()
         if reduce not in REDUCTIONS:
             raise ValueError(f"wise_reduce {reduce!r}: choose one of {list(REDUCTIONS)}")
+        if layout not in ("keyed", "shards"):
+            raise ValueError(f"wise_layout {layout!r}: choose one of ['keyed', 'shards']")
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
         self.register_buffer("deltas", torch.zeros(capacity, out_features, in_features, dtype=dtype))
         # thresholds in float32 whatever the model dtype (construction runs under the model's default dtype)
         self.register_buffer("thresholds", torch.full((capacity,), float("inf"), dtype=torch.float32))
         self.attn_layer = attn_layer
         self.reduce = reduce
+        self.layout = layout
+        # keyed layout: blocks transposed and stacked, and the routing table (wise.publish.keyed_routing)
+        self.register_buffer("table_t", torch.zeros(0, out_features, dtype=dtype), persistent=False)
+        self.routing_table: dict[str, torch.Tensor] = {}
+        self.max_len = 1
+        self.min_similarity: float | None = None
+        self.register_buffer("held", torch.full((self.HELD_SLOTS,), -1, dtype=torch.long), persistent=False)
+        self.input_ids: torch.Tensor | None = None  # set by the model's forward (the keyed router reads them)
         self.count = 0  # live memories: the first `count` slots
         self.version = 0  # the published version this module serves (0: none, main memory only)
         self.ids: list[str] = []
         self.routing = True
 
-    def _starts(self) -> torch.Tensor | None | bool:
-        """The batch's segment starts; False during profiling and dummy runs (no metadata)."""
+    def _metadata(self):
+        """The attention metadata of this forward; None during profiling and dummy runs."""
         from vllm.forward_context import get_forward_context, is_forward_context_available
 
         if not is_forward_context_available():
-            return False
+            return None
         meta = get_forward_context().attn_metadata
         if isinstance(meta, list):  # dual-batch overlap: one dict per micro-batch; not used with routing
             meta = meta[0] if meta else None
         if not meta:
-            return False
-        entry = meta.get(self.attn_layer) or next(iter(meta.values()))
-        return entry.query_start_loc
+            return None
+        return meta.get(self.attn_layer) or next(iter(meta.values()))
+
+    def _hold(self, entry) -> Hold | None:
+        seq_lens, blocks = getattr(entry, "seq_lens", None), getattr(entry, "block_table", None)
+        if seq_lens is None or blocks is None or blocks.dim() != 2:
+            return None  # a backend without them: every segment routes on its own tokens
+        return Hold(seq_lens, blocks[:, 0], self.held)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         out = x @ self.weight.T  # (N, d_out) main memory
         if self.count == 0 or not self.routing:
             return out, None
-        starts = self._starts()
-        if starts is False:
+        entry = self._metadata()
+        if entry is None:
             return out, None
-        extra = route_flat(x, self.deltas[: self.count], self.thresholds[: self.count], starts, self.reduce)
+        starts, hold = entry.query_start_loc, self._hold(entry)
+        if self.layout == "keyed":
+            if self.input_ids is None:
+                return out, None
+            ids = self.input_ids[: x.shape[0]]
+            extra = keyed_flat(
+                x, ids, starts, self.routing_table, self.max_len, self.table_t, self.min_similarity, hold
+            )
+        else:
+            extra = route_flat(
+                x, self.deltas[: self.count], self.thresholds[: self.count], starts, self.reduce, hold
+            )
         return out + extra.to(out.dtype), None
+
+    @torch.no_grad()
+    def install_keyed(
+        self,
+        ids: list[str],
+        new: dict[str, torch.Tensor],
+        routing: dict[str, torch.Tensor],
+        max_len: int,
+        min_similarity: float | None,
+        version: int,
+    ) -> None:
+        """Make ``ids`` the live blocks (held ones reused, ``new`` ones copied in) with the routing table
+        ``routing``. Raises ``KeyError`` for an id neither held nor sent."""
+        d_in = self.weight.shape[1]
+        held = {mid: i for i, mid in enumerate(self.ids)}
+        missing = [m for m in ids if m not in held and m not in new]
+        if missing:
+            raise KeyError(f"memories {missing[:3]} are neither held by this replica nor in the package")
+        parts = []
+        for mid in ids:
+            if mid in new:
+                src = new[mid]
+                if tuple(src.shape) != tuple(self.weight.shape):
+                    raise ValueError(
+                        f"memory {mid} has shape {tuple(src.shape)}, not {tuple(self.weight.shape)}"
+                    )
+                parts.append(src.T.to(self.table_t.device, self.table_t.dtype))
+            else:
+                i = held[mid]
+                parts.append(self.table_t[i * d_in : (i + 1) * d_in])
+        dev = self.weight.device
+        table = {
+            "columns": routing["columns"].to(dev, torch.long),
+            "memory_of": routing["memory_of"].to(dev, torch.long),
+            "relkeys": routing["relkeys"].to(dev, torch.float32),
+            "subject_keys": routing["subject_keys"].to(dev, torch.int64),
+            "subject_groups": routing["subject_groups"].to(dev, torch.long),
+            "projection": routing["projection"].to(dev, torch.float32),
+            "center": routing["center"].to(dev, torch.float32),
+        }
+        self.table_t = torch.cat(parts).contiguous() if parts else self.table_t[:0]
+        self.routing_table, self.max_len, self.min_similarity = table, int(max_len), min_similarity
+        self.count, self.ids, self.version = len(ids), list(ids), int(version)
 
     @torch.no_grad()
     def install(self, ids: list[str], thresholds: torch.Tensor, new: dict[str, torch.Tensor], version: int):
@@ -147,6 +223,7 @@ def _install_routed(model: nn.Module, config) -> WiseRoutedProjection:
         attn_layer=f"model.layers.{layer}.self_attn.attn",
         reduce=getattr(config, "wise_reduce", "mean"),
         capacity=int(getattr(config, "wise_capacity", 8)),
+        layout=getattr(config, "wise_layout", "shards"),
     )
     setattr(parent, leaf, routed)
     logger.info("WISE routing installed at model.layers.%d.%s (%d x %d)", layer, module, out_f, in_f)
@@ -162,6 +239,10 @@ def _routed_class(base_name: str) -> type:
         def __init__(self, *, vllm_config, prefix: str = "", **kwargs) -> None:
             super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
             self.wise_routed = _install_routed(self, vllm_config.model_config.hf_config)
+
+        def forward(self, input_ids, positions, *args, **kwargs):
+            self.wise_routed.input_ids = input_ids  # the keyed router routes on the query's tokens
+            return super().forward(input_ids, positions, *args, **kwargs)
 
     return Routed
 

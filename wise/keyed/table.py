@@ -6,8 +6,9 @@ An edit is keyed by its **subject**: the token sequences of the subject string a
 span (the prompt a user sends) contains one of those token sequences contiguously; the longest subject found
 wins (``Microsoft Office`` over ``Microsoft``), and when several edits share that subject (the same entity
 edited for several relations), the one whose **relation key** is nearest to the query's wins. The relation key
-is the edit prompt's mean activation at the edited layer, centred on unrelated prompts and projected to a few
-hundred dimensions.
+is the mean activation at the edited layer of the prompt's tokens other than the subject's, centred on unrelated
+prompts and projected to a few hundred dimensions; ``min_similarity`` can refuse a query whose relation is too
+far from the edit's (a question about another fact of the same subject).
 
 Why subjects and not the side memory's activation (WISE's router): on the embedded model the activation of
 a rephrase and of a same-relation prompt about a neighbouring subject overlap, so no threshold separates
@@ -191,7 +192,14 @@ def route(
     token = torch.where(matched, best % (n + 1), torch.zeros_like(best)).clamp(max=max(n - 1, 0))
     cands = table.groups[tok_group[token]]  # (R, W) entries sharing the longest subject
     cands = torch.where(matched.unsqueeze(1), cands, torch.full_like(cands, -1))
-    query = relation_vectors(segment_means(x, seg, span, n_seg), projection, center)  # (R, r)
+    # the relation is what the query says besides the subject: its span without the matched subject tokens
+    pos = torch.arange(n, device=dev)
+    last, size = token[seg], length[seg]
+    in_subject = (pos <= last) & (pos > last - size)
+    rest = span & ~in_subject
+    has_rest = torch.zeros(n_seg, dtype=torch.long, device=dev).index_add_(0, seg, rest.long()) > 0
+    rest = torch.where(has_rest[seg], rest, span)
+    query = relation_vectors(segment_means(x, seg, rest, n_seg), projection, center)  # (R, r)
     sim = (relkeys[cands.clamp(min=0)].float() * query.unsqueeze(1)).sum(-1)  # (R, W)
     sim = torch.where(cands >= 0, sim, torch.full_like(sim, -2.0))
     best_sim, slot = sim.max(dim=1)
@@ -200,6 +208,20 @@ def route(
         choice = torch.where(best_sim >= min_similarity, choice, torch.full_like(choice, -1))
     best_sim = torch.where(choice >= 0, best_sim, torch.zeros_like(best_sim))
     return RouteResult(choice, length, best_sim)
+
+
+def subject_positions(ids: Sequence[int], variants: Sequence[Sequence[int]]) -> list[int]:
+    """Positions in ``ids`` of the longest subject variant that occurs there (its last occurrence), as
+    :func:`route` finds it in a query; empty when none occurs."""
+    best: list[int] = []
+    for v in variants:
+        n = len(v)
+        for i in range(len(ids) - n, -1, -1):
+            if n and list(ids[i : i + n]) == list(v):
+                if n > len(best):
+                    best = list(range(i, i + n))
+                break
+    return best
 
 
 def residual(
@@ -241,5 +263,6 @@ __all__ = [
     "route",
     "run_lengths",
     "segment_means",
+    "subject_positions",
     "variant_hash",
 ]

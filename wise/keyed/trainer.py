@@ -28,7 +28,7 @@ from wise.batch import Row, Tokens
 from wise.config import WiseConfig
 from wise.engine import CachedEngine
 from wise.keyed.router import KeyedLinear
-from wise.keyed.table import relation_vectors
+from wise.keyed.table import relation_vectors, subject_positions
 from wise.layout import resolve_layout
 from wise.memory import Memory
 from wise.router import RoutedLinear
@@ -265,10 +265,8 @@ class KeyedTrainer:
         steps, losses = self._fit(st, a_cols, params)
         outcomes = []
         with torch.no_grad():
-            first_rows = torch.stack([st.plan.rows[s][0] for s in range(n)])  # the empty template's row
-            means = (st.a[first_rows] * batch.span[first_rows].unsqueeze(-1)).sum(1)
-            means = means / batch.span[first_rows].sum(1, keepdim=True).clamp(min=1)
-            keys = relation_vectors(means, self.projection, self.center).to(torch.float16).cpu()
+            variants = [self.subject_variants(e) for e in edits]
+            keys = self._relation_keys(st, batch, variants)
             for s, (shard, e) in enumerate(zip(shards, edits, strict=True)):
                 self._write_columns(shard.delta, cols[s], params[s].detach())
                 shard.edit_ids.append(e.id)
@@ -276,9 +274,22 @@ class KeyedTrainer:
                 shard.targets.append(e.target)
                 shard.columns = torch.cat([shard.columns, cols[s].cpu().unsqueeze(0)])  # type: ignore[list-item]
                 shard.relkeys = torch.cat([shard.relkeys, keys[s : s + 1]])  # type: ignore[list-item]
-                shard.subjects.append(self.subject_variants(e))
+                shard.subjects.append(variants[s])
                 outcomes.append([EditOutcome(e.id, steps[s], losses[s], float("nan"), float("nan"))])
         return outcomes
+
+    def _relation_keys(self, st, batch, variants: list[list[list[int]]]) -> torch.Tensor:
+        """Each edit's relation key: the mean activation of its prompt's tokens besides its subject (on the
+        empty template's row), as :func:`wise.keyed.table.route` measures a query. (S, r) float16."""
+        means = []
+        for s, v in enumerate(variants):
+            row = int(st.plan.rows[s][0])  # the empty template's row of shard s
+            span = batch.span[row].nonzero().squeeze(1)
+            ids = batch.input_ids[row, span].tolist()
+            subject = set(subject_positions(ids, v))
+            keep = [int(p) for i, p in enumerate(span.tolist()) if i not in subject] or span.tolist()
+            means.append(st.a[row, keep].float().mean(0))
+        return relation_vectors(torch.stack(means), self.projection, self.center).to(torch.float16).cpu()
 
     def _fit(self, st, a_cols: list[torch.Tensor], params: torch.Tensor) -> tuple[list[int], list[float]]:
         """Adam on each shard's columns until its target loss is below ``early_stop_loss`` (checked before every
