@@ -99,6 +99,7 @@ class EditorActor:
             "weight_shape": list(w.shape),
             "module_path": self.trainer.layout.module_path,
             "dtype": str(w.dtype).removeprefix("torch."),
+            "model_bytes": sum(p.numel() * p.element_size() for p in self.trainer.model.parameters()),
             "pid": os.getpid(),
         }
 

@@ -34,13 +34,23 @@ from wise.state import atomic_write
 
 logger = logging.getLogger(__name__)
 
-SMOKE_SETTINGS: dict[str, dict[str, Any]] = {
-    # a CI-sized run: T = 1, 2 on the real model, fewer WISE steps and a 32-prompt irrelevant pool (numbers are
-    # sanity checks only); the baselines keep their settings, they cost about a second per edit
-    "wise": {"n_iter": 15, "templates": {"count": 1, "length": 4}},
-    "ft-l": {},
-    "grace": {},
+# a CI-sized run: T = 1, 2 on the real model, fewer steps and a 32-prompt irrelevant pool (numbers are sanity
+# checks only); the baselines keep their settings, they cost about a second per edit
+SMOKE_WISE: dict[str, dict[str, Any]] = {
+    "keyed": {"keyed": {"n_iter": 10}, "templates": {"count": 1, "length": 4}},
+    "shards": {"n_iter": 15, "templates": {"count": 1, "length": 4}},
 }
+
+
+class MixSpec(FrozenConfig):
+    """Records of another file spread evenly through a dataset's stream and measured on their own (e.g. the
+    near-miss edits, whose locality probes are same-relation prompts about neighbouring subjects)."""
+
+    name: str
+    path: str
+    format: str = "auto"
+    within: int = Field(1000, ge=1, description="spread over the dataset's first `within` records")
+    limit: int | None = Field(None, ge=1, description="use only the file's first `limit` records")
 
 
 class DatasetSpec(FrozenConfig):
@@ -49,6 +59,7 @@ class DatasetSpec(FrozenConfig):
     path: str
     format: str = "auto"
     irrelevant: dict[str, Any] = Field(default_factory=dict, description="as the job's irrelevant: block")
+    mix: MixSpec | None = None
 
 
 class MethodSpec(FrozenConfig):
@@ -59,12 +70,18 @@ class MethodSpec(FrozenConfig):
         None, description="wise: take the `wise:` block of this job config, then apply `settings`"
     )
     settings: dict[str, Any] = Field(default_factory=dict)
+    irrelevant: dict[str, Any] | None = Field(
+        None, description="this method's irrelevant pool instead of the dataset's (as the job's irrelevant:)"
+    )
 
 
 class RunSpec(FrozenConfig):
     method: str
     dataset: str
     max_t: int = Field(ge=1)
+    milestones: tuple[int, ...] | None = Field(
+        None, description="this run's milestones instead of the suite's"
+    )
 
     @property
     def name(self) -> str:
@@ -83,6 +100,7 @@ class QualityConfig(FrozenConfig):
     datasets: dict[str, DatasetSpec]
     methods: dict[str, MethodSpec]
     runs: tuple[RunSpec, ...]
+    smoke: bool = Field(False, description="CI size (set by --smoke)")
 
     @model_validator(mode="after")
     def _known(self) -> QualityConfig:
@@ -113,15 +131,16 @@ def load_quality_config(path: str | Path, smoke: bool = False) -> QualityConfig:
                 "checkpoint_every": 1,
                 "output": "benchmarks/smoke/results",
                 "work": "benchmarks/smoke/work",
-                "runs": [{**r, "max_t": 2} for r in data["runs"]],
                 "datasets": {
-                    name: {**d, "irrelevant": {**d.get("irrelevant", {}), "limit": 32}}
+                    name: {
+                        **d,
+                        "irrelevant": {**d.get("irrelevant", {}), "limit": 32},
+                        **({"mix": {**d["mix"], "within": 2, "limit": 1}} if d.get("mix") else {}),
+                    }
                     for name, d in data["datasets"].items()
                 },
-                "methods": {
-                    name: {**m, "settings": {**m.get("settings", {}), **SMOKE_SETTINGS[m["kind"]]}}
-                    for name, m in data["methods"].items()
-                },
+                "runs": [{**r, "max_t": 2, "milestones": None} for r in data["runs"]],
+                "smoke": True,
             }
         return QualityConfig.model_validate(data)
     except ValidationError as err:
@@ -158,8 +177,9 @@ class SequentialEditor(Protocol):
     def load(self, directory: str | Path) -> None: ...
 
 
-def method_settings(spec: MethodSpec) -> BaseModel:
-    """The validated config object of a method (WiseConfig, FTLConfig or GraceConfig).
+def method_settings(spec: MethodSpec, smoke: bool = False) -> BaseModel:
+    """The validated config object of a method (WiseConfig, FTLConfig or GraceConfig); ``smoke`` applies the
+    CI-sized WISE settings of its layout.
 
     Raises:
         ConfigError: bad settings, with the key path.
@@ -170,7 +190,10 @@ def method_settings(spec: MethodSpec) -> BaseModel:
     try:
         if spec.kind == "wise":
             base = load_config(spec.from_config).wise.model_dump() if spec.from_config else {}
-            return WiseConfig.model_validate(_merge(base, spec.settings))
+            merged = _merge(base, spec.settings)
+            if smoke:
+                merged = _merge(merged, SMOKE_WISE[merged.get("layout", "keyed")])
+            return WiseConfig.model_validate(merged)
         return {"ft-l": FTLConfig, "grace": GraceConfig}[spec.kind].model_validate(spec.settings)
     except ValidationError as err:
         raise ConfigError(f"method settings ({spec.kind}): {err}") from None
@@ -188,10 +211,10 @@ def make_editor(
 ) -> SequentialEditor:
     """Build the editor of ``kind`` around ``model`` (its edited layer is wrapped in place)."""
     from wise.baselines import FTLEditor, GraceEditor
-    from wise.editor import WiseEditor
+    from wise.factory import make_editor as make_wise_editor
 
     if kind == "wise":
-        return WiseEditor(model, tokenizer, settings, irrelevant=irrelevant)
+        return make_wise_editor(model, tokenizer, settings, irrelevant=irrelevant)
     if kind == "grace":
         return GraceEditor(model, tokenizer, settings, irrelevant=irrelevant)
     return FTLEditor(model, tokenizer, settings)
@@ -218,6 +241,7 @@ def sequential_run(
     evaluate: Callable[[SequentialEditor, Sequence[Any]], dict[str, Any]],
     checkpoint_every: int = 10,
     extra: dict[str, Any] | None = None,
+    positions: dict[int, int] | None = None,
 ) -> list[int]:
     """Apply ``records`` in order, evaluating the first T edits at each milestone T, resumably.
 
@@ -232,6 +256,7 @@ def sequential_run(
         evaluate: metrics of an editor on records.
         checkpoint_every: edits between state checkpoints.
         extra: fields added to every result (command, machine).
+        positions: where milestone T lies in ``records`` when other records are mixed in (default T).
 
     Returns:
         The milestones evaluated by this call.
@@ -249,11 +274,22 @@ def sequential_run(
         except BlockingIOError:
             raise ConfigError(f"{work_dir} is being run by another process") from None
         return _run_locked(
-            make, records, todo, work_dir, results_dir, fingerprint, evaluate, checkpoint_every, extra
+            make,
+            records,
+            todo,
+            work_dir,
+            results_dir,
+            fingerprint,
+            evaluate,
+            checkpoint_every,
+            extra,
+            positions or {},
         )
 
 
-def _run_locked(make, records, todo, work_dir, results_dir, fingerprint, evaluate, checkpoint_every, extra):
+def _run_locked(
+    make, records, todo, work_dir, results_dir, fingerprint, evaluate, checkpoint_every, extra, positions
+):
     progress_path = work_dir / "progress.json"
     progress = json.loads(progress_path.read_text()) if progress_path.exists() else None
     if progress is not None and progress["fingerprint"] != fingerprint:
@@ -273,13 +309,14 @@ def _run_locked(make, records, todo, work_dir, results_dir, fingerprint, evaluat
     editor.prepare()  # one-time setup outside the timed edits
     done = []
     for t in todo:
-        if editor.n_edits > t:
+        end = positions.get(t, t)
+        if editor.n_edits > end:
             raise ConfigError(
                 f"{work_dir}: state has {editor.n_edits} edits, past milestone T={t}: delete it"
             )
-        while editor.n_edits < t:
+        while editor.n_edits < end:
             n = editor.n_edits
-            upto = min(t, (n // checkpoint_every + 1) * checkpoint_every)
+            upto = min(end, (n // checkpoint_every + 1) * checkpoint_every)
             t0 = time.perf_counter()
             outcomes = editor.apply(records[n:upto])
             progress["edit_seconds"] += time.perf_counter() - t0
@@ -294,12 +331,12 @@ def _run_locked(make, records, todo, work_dir, results_dir, fingerprint, evaluat
                 progress["edit_seconds"] / editor.n_edits,
             )
         t0 = time.perf_counter()
-        metrics = evaluate(editor, records[:t])
+        metrics = evaluate(editor, records[:end])
         result = {
             "T": t,
             **metrics,
-            "seconds_per_edit": progress["edit_seconds"] / t,
-            "mean_steps": sum(progress["steps"][:t]) / t,
+            "seconds_per_edit": progress["edit_seconds"] / end,
+            "mean_steps": sum(progress["steps"][:end]) / end,
             "eval_seconds": time.perf_counter() - t0,
             **(extra or {}),
         }
@@ -343,30 +380,61 @@ def dataset_records(spec: DatasetSpec, n: int) -> list:
     return [r for _, r in EditStream(open_source(spec.path, spec.format), max_records=n)]
 
 
+def interleave(main: Sequence[Any], mixed: Sequence[Any], within: int) -> list[Any]:
+    """``main`` with ``mixed`` spread evenly over its first ``within`` records (one after every
+    ``within / (len(mixed) + 1)``-th main record)."""
+    span = min(within, len(main))
+    at = [round((j + 1) * span / (len(mixed) + 1)) for j in range(len(mixed))]
+    out: list[Any] = []
+    k = 0
+    for i, rec in enumerate(main):
+        out.append(rec)
+        while k < len(mixed) and at[k] == i + 1:
+            out.append(mixed[k])
+            k += 1
+    return out + list(mixed[k:])
+
+
+def stream_positions(
+    records: Sequence[Any], mixed_ids: set[str], milestones: Sequence[int]
+) -> dict[int, int]:
+    """Where each milestone T (T records of the dataset itself) ends in a stream with mixed-in records."""
+    out, main = {}, 0
+    want = set(milestones)
+    for pos, rec in enumerate(records, start=1):
+        if rec.id not in mixed_ids:
+            main += 1
+            if main in want:
+                out[main] = pos
+    return out
+
+
 def plan_run(
     qcfg: QualityConfig, run: RunSpec, max_t: int | None = None, read: dict | None = None
 ) -> tuple[list[int], list]:
     """The milestones one run evaluates and the records it edits, in stream order.
 
-    The milestones are the configured ones up to the run's ``max_t`` (capped by ``max_t``). A dataset with
-    fewer valid edits than the largest of them (records the stream rejects, e.g. a blank target, are not
-    edits) ends at its last valid edit instead: that T is every edit the dataset has, and is said so.
-    ``read`` caches the records read per (dataset, count) across calls.
+    The milestones are the run's (or the suite's) up to the run's ``max_t`` (capped by ``max_t``), counted in
+    records of the dataset itself; a dataset's ``mix`` records are spread through the stream on top
+    (:func:`interleave`). A dataset with fewer valid edits than the largest milestone (records the stream
+    rejects, e.g. a blank target, are not edits) ends at its last valid edit instead: that T is every edit the
+    dataset has, and is said so. ``read`` caches the records read per (file, count) across calls.
 
     Raises:
         ConfigError: the dataset has no valid edit at all.
     """
     cap = min(run.max_t, max_t or run.max_t)
-    wanted = [t for t in qcfg.milestones if t <= cap]
+    wanted = [t for t in (run.milestones or qcfg.milestones) if t <= cap]
     if not wanted:
         return [], []
     read = {} if read is None else read
-    key = (run.dataset, wanted[-1])
+    dataset = qcfg.datasets[run.dataset]
+    key = (dataset.path, wanted[-1])
     if key not in read:
-        read[key] = dataset_records(qcfg.datasets[run.dataset], wanted[-1])
+        read[key] = dataset_records(dataset, wanted[-1])
     records = read[key]
     if not records:
-        raise ConfigError(f"run {run.name}: dataset {qcfg.datasets[run.dataset].path} holds no valid edit")
+        raise ConfigError(f"run {run.name}: dataset {dataset.path} holds no valid edit")
     milestones = [t for t in wanted if t <= len(records)]
     if len(records) < wanted[-1]:
         logger.warning(
@@ -379,7 +447,25 @@ def plan_run(
         )
         if not milestones or milestones[-1] < len(records):
             milestones.append(len(records))
+    if dataset.mix is not None:
+        mkey = (dataset.mix.path, "all")
+        if mkey not in read:
+            read[mkey] = plan_mixed(qcfg, run)
+        records = interleave(records, read[mkey], dataset.mix.within)
     return milestones, records
+
+
+def plan_mixed(qcfg: QualityConfig, run: RunSpec) -> list:
+    """The records mixed into a run's dataset (none without ``mix``)."""
+    mix = qcfg.datasets[run.dataset].mix
+    if mix is None:
+        return []
+    return dataset_records(DatasetSpec(path=mix.path, format=mix.format), mix.limit or 10**9)
+
+
+def model_bytes(model) -> int:
+    """The model's parameter bytes (the unit of a state's memory cost); the edited layer's main weight once."""
+    return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
 
 
 def planned_milestones(qcfg: QualityConfig) -> dict[str, list[int]]:
@@ -410,6 +496,7 @@ def quality_benchmark(
     """
     from orchestrator.inputs import irrelevant_pool
     from orchestrator.model_store import load_model
+    from orchestrator.report import memory_cost
     from wise.evaluate import evaluate_records
 
     unknown = set(only) - {r.name for r in qcfg.runs}
@@ -424,14 +511,20 @@ def quality_benchmark(
             continue
         dataset, spec = qcfg.datasets[run.dataset], qcfg.methods[run.method]
         milestones, records = plan_run(qcfg, run, max_t)
-        settings = method_settings(spec)
-        pool = irrelevant_pool(build_config({"irrelevant": dataset.irrelevant})) if dataset.irrelevant else []
+        settings = method_settings(spec, smoke=qcfg.smoke)
+        pool_spec = spec.irrelevant if spec.irrelevant is not None else dataset.irrelevant
+        if pool_spec and qcfg.smoke:
+            pool_spec = {**pool_spec, "limit": 32}
+        pool = irrelevant_pool(build_config({"irrelevant": pool_spec})) if pool_spec else []
         fingerprint = {
             "method": spec.kind,
             "settings": settings.model_dump(mode="json"),
-            "dataset": dataset.model_dump(),
+            "dataset": dataset.model_dump(exclude_none=True),
             "model": qcfg.model.model_dump(),
         }
+        if spec.irrelevant is not None:
+            fingerprint["irrelevant"] = spec.irrelevant
+        mixed_ids = {r.id for r in plan_mixed(qcfg, run)}
         results_dir = out / "quality" / run.dataset / run.method
 
         def make(settings=settings, spec=spec, pool=pool):
@@ -459,11 +552,29 @@ def quality_benchmark(
             _write_json(pre_path, {"T": len(recs), **pre, **extra})
             return pre
 
-        def evaluate(editor, recs, pre_edit=pre_edit):
+        def evaluate(editor, recs, pre_edit=pre_edit, mixed_ids=mixed_ids, kind=spec.kind, mix=dataset.mix):
+            own = [r for r in recs if r.id not in mixed_ids]
             res = evaluate_records(
-                editor.model, editor.routed, editor.tokens, recs, generate=qcfg.generate, progress=True
+                editor.model, editor.routed, editor.tokens, own, generate=qcfg.generate, progress=True
             )
-            return {"pre": pre_edit(editor, recs), **res}
+            out = {"pre": pre_edit(editor, own), **res}
+            if mix is not None:
+                mixed = [r for r in recs if r.id in mixed_ids]
+                post = evaluate_records(
+                    editor.model, editor.routed, editor.tokens, mixed, generate=qcfg.generate, progress=True
+                )
+                pre = evaluate_records(
+                    editor.model, editor.routed, editor.tokens, mixed, main_only=True, generate=qcfg.generate
+                )
+                out["mix"] = {
+                    "name": mix.name,
+                    "edits": len(mixed),
+                    "pre": {k: pre[k] for k in ("teacher_forced", "generate") if k in pre},
+                    **{k: post[k] for k in ("teacher_forced", "generate", "routed_fraction") if k in post},
+                }
+            if kind == "wise":
+                out["memory"] = memory_cost(*editor.state_dict(), model_bytes(editor.model))
+            return out
 
         if pre_only:
             todo = [t for t in milestones if not (pre_dir / f"T{t}.json").exists()]
@@ -493,5 +604,6 @@ def quality_benchmark(
                 "dataset": run.dataset,
                 "settings": fingerprint["settings"],
             },
+            positions=stream_positions(records, mixed_ids, milestones) if mixed_ids else None,
         )
     return evaluated

@@ -32,7 +32,7 @@ from orchestrator.inputs import EditInput, irrelevant_pool, open_input
 from orchestrator.intake import Intake
 from orchestrator.measure import StateView
 from orchestrator.model_store import resolve_model_path
-from orchestrator.report import build_report, write_report
+from orchestrator.report import build_report, memory_cost, write_report
 from orchestrator.resume import checkpoint_state, job_identity, restore
 from orchestrator.scheduler import ShardBook
 from orchestrator.telemetry.metrics import JobMetrics
@@ -105,6 +105,7 @@ class EditJob:
         self.intake: Intake | None = None
         self.observer: JobObserver | None = None
         self.setup_state: dict | None = None  # the editors' templates and margins
+        self.model_bytes = 0  # the model's parameter bytes (the unit of the report's memory cost)
         self.view: StateView | None = None  # the editor state, as the evaluator measures it
         self._started_ray = False
         self._stopping = False
@@ -143,6 +144,7 @@ class EditJob:
         self.setup_state = setup = self.editors.setup
         assert setup is not None
         weight = (tuple(info["weight_shape"]), info["module_path"], info["dtype"])
+        self.model_bytes = int(info["model_bytes"])
         self.view = StateView(cfg, self.book, self.bank, setup, weight)
         self.evaluator = cluster.evaluator_actor(cfg.runtime, model, cfg.wise)
         self.editors.wait_ready()  # every editor is loaded before the clock starts
@@ -290,6 +292,7 @@ class EditJob:
             state_dir=state_dir,
             dead_letter=dead_letter,
             serving=self.publisher.summary() if self.publisher else None,
+            memory=memory_cost(tensors, meta, self.model_bytes),
         )
         write_report(self.report, cfg.report_path())
         observer.final(self.report, ids)

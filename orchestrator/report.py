@@ -45,6 +45,7 @@ def build_report(
     state_dir: Path,
     dead_letter: str | None,
     serving: dict[str, Any] | None,
+    memory: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The job's report: exactly-once accounting, retention, runtime and where the outputs are.
 
@@ -68,6 +69,7 @@ def build_report(
         state_dir: where the final state is.
         dead_letter: where rejected records went (None: none was rejected).
         serving: the publisher's summary (None: no serving).
+        memory: what the edited layer holds to route and answer (:func:`memory_cost`).
     """
     in_state = set(applied)
     # after SIGTERM, accepted records not applied yet are in the checkpoint: the next run applies them
@@ -107,8 +109,30 @@ def build_report(
         "checkpoint_dir": str(cfg.checkpoint_dir()),
         "dead_letter": dead_letter,
         "serving": serving,
+        "memory": memory,
         "per_edit": result["post"]["per_edit"],
         "config": cfg.model_dump(mode="json"),
+    }
+
+
+def memory_cost(tensors: dict[str, Any], meta: dict[str, Any], model_bytes: int) -> dict[str, Any] | None:
+    """Bytes the edited layer holds to route and answer for a state (side memories plus routing), as a share of
+    the model's parameter bytes and per edit; None for a state without edits."""
+    from wise.publish import PublishError, ServingSnapshot
+
+    try:
+        snap = ServingSnapshot.from_state(tensors, meta)
+    except PublishError:
+        return None
+    parts = snap.nbytes()
+    total = sum(parts.values())
+    return {
+        **parts,
+        "bytes": total,
+        "percent_of_model": 100.0 * total / model_bytes if model_bytes else None,
+        "bytes_per_edit": total / snap.n_edits if snap.n_edits else None,
+        "memories": len(snap.ids),
+        "layout": snap.layout,
     }
 
 
@@ -166,6 +190,13 @@ def render_summary(report: dict[str, Any], console: Console | None = None) -> No
         f"routed to side memory: edits {format_number(rf.get('edit'))}, rephrases {format_number(rf.get('rephrase'))}, "
         f"locality prompts {format_number(rf.get('locality'))}"
     )
+    mem = report.get("memory")
+    if mem:
+        console.print(
+            f"side memory: {mem['bytes'] / 2**20:.2f} MiB in {mem['memories']} memories "
+            f"({format_number(mem['percent_of_model'], 2)}% of the model), "
+            f"{mem['bytes_per_edit'] / 1024:.1f} KiB per edit ({mem['layout']} layout)"
+        )
     if "duplicates_applied" in report:
         resumed = report.get("resumed_from")
         rt = report.get("runtime", {})

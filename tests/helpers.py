@@ -50,3 +50,8 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def n_iter(steps: int, layout: str = "keyed") -> str:
+    """The override that sets the optimizer steps per edit (or per shard) of a job in ``layout``."""
+    return f"wise.keyed.n_iter={steps}" if layout == "keyed" else f"wise.n_iter={steps}"

@@ -115,6 +115,20 @@ def _bench_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_scale(args: argparse.Namespace) -> int:
+    from bench.scale import scale_benchmark
+
+    cfg = load_config(args.config, list(args.set or []))
+    compare = load_config(args.compare) if args.compare else None
+    ts = tuple(int(x) for x in args.ts.split(","))
+    if any(t < 1 for t in ts):
+        raise ConfigError(f"--ts must list positive edit counts, got {args.ts}")
+    result = scale_benchmark(cfg, ts, repeats=args.repeats, shards_cfg=compare)
+    _save_result(args, result)
+    sys.stdout.write(json.dumps(result) + "\n")
+    return 0
+
+
 def _produce(args: argparse.Namespace) -> int:
     from streams import DeadLetterFile, produce_records
     from streams.kafka import check_topic_name
@@ -257,6 +271,18 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("--set", action="append", metavar="KEY=VALUE")
     shards.add_argument("--out", help="also write the result (with command and machine) to this JSON file")
     shards.set_defaults(func=_bench_shards)
+    scale = bench_sub.add_parser(
+        "scale", help="bytes and routing overhead of the edited layer per T, with retention where measured"
+    )
+    scale.add_argument("--ts", default="100,1000,10000,100000", help="edit counts (default 100,...,100000)")
+    scale.add_argument("--repeats", type=int, default=5, help="timed forwards per measurement (median)")
+    scale.add_argument("--config", type=Path, default=Path("configs/default.yaml"))
+    scale.add_argument(
+        "--compare", type=Path, help="a shards-layout config to measure beside it (configs/wise-2edit.yaml)"
+    )
+    scale.add_argument("--set", action="append", metavar="KEY=VALUE")
+    scale.add_argument("--out", help="also write the result (with command and machine) to this JSON file")
+    scale.set_defaults(func=_bench_scale)
     produce = sub.add_parser(
         "produce", help="push an edit file into a Kafka topic (canonical JSON, keyed by id)"
     )

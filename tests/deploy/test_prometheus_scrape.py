@@ -36,10 +36,11 @@ def test_dashboard_and_alert_queries_on_a_real_job(tmp_path, ray_local, promethe
         ROOT / "configs" / "default.yaml",
         [
             "max_edits=2",  # one 2-edit shard: stored and merged
-            "wise.n_iter=10",
-            # a cheaper editor set-up and step than the default's (quality is not the point here)
+            "wise.save_freq=2",
+            "wise.merge_freq=2",
+            "wise.keyed.n_iter=10",
+            # a cheaper editor set-up than the default's (quality is not the point here)
             "wise.templates.count=1",
-            "wise.n_irrelevant=4",
             "irrelevant.limit=32",
             "runtime.shards_per_editor=1",
             "eval.every=2",

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.model
 def test_few_edits_are_learned_routed_and_leave_unrelated_prompts_alone(tmp_path, ray_local):
     cfg = load_config(
         ROOT / "configs" / "default.yaml",
-        ["max_edits=3", "wise.n_iter=40", "eval.generate=true", f"output.dir={tmp_path}"],
+        ["max_edits=3", "wise.keyed.n_iter=40", "eval.generate=true", f"output.dir={tmp_path}"],
     )
     report = run_job(cfg)
     assert report["edits_applied"] == 3 and report["dead_lettered"] == 0

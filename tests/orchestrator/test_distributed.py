@@ -10,10 +10,11 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from helpers import n_iter
 
 from orchestrator.inputs import irrelevant_pool
 from orchestrator.job import run_job
-from wise.editor import WiseEditor
+from wise.factory import make_editor
 from wise.state import read_state
 
 
@@ -62,7 +63,7 @@ def test_one_editor_equals_the_single_process_engine(reference, job_files, tiny_
     cfg = _cfg(job_files, out)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     torch.set_num_threads(1)  # the editor actor trains with one thread: same reduction order
-    ed = WiseEditor(model, tiny_tokenizer, cfg.wise, irrelevant=irrelevant_pool(cfg))
+    ed = make_editor(model, tiny_tokenizer, cfg.wise, irrelevant=irrelevant_pool(cfg))
     records = [json.loads(line) for line in Path(cfg.stream.path).read_text().splitlines()][:22]
 
     class R:
@@ -118,19 +119,19 @@ def test_checkpoints_inside_shards_resume_and_finished_stream_is_not_reapplied(
     assert ids == [f"u{i}" for i in range(16)]
 
 
-def test_checkpoint_of_another_job_is_refused(ray_local, job_files, tmp_path):
+def test_checkpoint_of_another_job_is_refused(ray_local, job_files, job_layout, tmp_path):
     from orchestrator.checkpoint import CheckpointError
 
     out = tmp_path / "other"
     run_job(_cfg(job_files, out, "max_edits=4"))
     with pytest.raises(CheckpointError, match=r"belongs to another job \(differs in \['wise'\]\)"):
-        run_job(_cfg(job_files, out, "max_edits=4", "wise.n_iter=9"))
+        run_job(_cfg(job_files, out, "max_edits=4", n_iter(9, job_layout)))
 
 
 # ---------------------------------------------------------------------------------------------- kill -9
 
 
-SLOW = ["wise.n_iter=40", "max_edits=20", "checkpoint.every=1"]
+SLOW = [n_iter(40), "max_edits=20", "checkpoint.every=1"]
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from helpers import n_iter
 
 from orchestrator.config import load_config
 from orchestrator.job import run_job
@@ -142,7 +143,7 @@ def test_kill_9_mid_stream_then_the_same_command_applies_every_edit_once(
     bootstrap = kafka_broker.bootstrap
     _produce(tmp_path, bootstrap, topic, _edits(job_files, 0, 12), capsys)
     out = tmp_path / "killed"
-    cmd = [*_kafka(bootstrap, topic, group), "wise.n_iter=40", "max_edits=12", "checkpoint.every=1"]
+    cmd = [*_kafka(bootstrap, topic, group), n_iter(40), "max_edits=12", "checkpoint.every=1"]
     proc = jobproc.start(job_files, out, *cmd)
     jobproc.wait_for(
         lambda: jobproc.committed(out).get("next_store", 0) >= 1 and jobproc.committed(out).get("shards"),

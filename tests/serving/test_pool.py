@@ -54,6 +54,7 @@ def wise_run(tmp_path_factory, ray_local):
             "eval.max_records=20",
             "wise.save_freq=20",
             "wise.merge_freq=60",
+            "wise.keyed.block_edits=120",
             "wise.templates.count=1",
             "wise.keyed.n_iter=5",
             f"output.dir={out}",
