@@ -59,7 +59,6 @@ class DatasetSpec(FrozenConfig):
     path: str
     format: str = "auto"
     irrelevant: dict[str, Any] = Field(default_factory=dict, description="as the job's irrelevant: block")
-    mix: MixSpec | None = None
 
 
 class MethodSpec(FrozenConfig):
@@ -82,6 +81,7 @@ class RunSpec(FrozenConfig):
     milestones: tuple[int, ...] | None = Field(
         None, description="this run's milestones instead of the suite's"
     )
+    mix: MixSpec | None = Field(None, description="records of another file mixed into this run's stream")
 
     @property
     def name(self) -> str:
@@ -117,7 +117,8 @@ class QualityConfig(FrozenConfig):
 
 
 def load_quality_config(path: str | Path, smoke: bool = False) -> QualityConfig:
-    """Load the benchmark config; ``smoke`` shrinks it to T = 1, 2 with few steps, under ``benchmarks/smoke``.
+    """Load the benchmark config; ``smoke`` shrinks it to T = 1, 2 with few steps, under ``benchmarks/smoke``,
+    leaving out the long runs (those with milestones of their own).
 
     Raises:
         ConfigError: unknown keys or bad values, with the key path.
@@ -134,12 +135,20 @@ def load_quality_config(path: str | Path, smoke: bool = False) -> QualityConfig:
                 "datasets": {
                     name: {
                         **d,
-                        "irrelevant": {**d.get("irrelevant", {}), "limit": 32},
-                        **({"mix": {**d["mix"], "within": 2, "limit": 1}} if d.get("mix") else {}),
+                        **({"irrelevant": {**d["irrelevant"], "limit": 32}} if d.get("irrelevant") else {}),
                     }
                     for name, d in data["datasets"].items()
                 },
-                "runs": [{**r, "max_t": 2, "milestones": None} for r in data["runs"]],
+                # a run with milestones of its own is a long run (thousands of edits): not part of the smoke
+                "runs": [
+                    {
+                        **r,
+                        "max_t": 2,
+                        **({"mix": {**r["mix"], "within": 2, "limit": 1}} if r.get("mix") else {}),
+                    }
+                    for r in data["runs"]
+                    if not r.get("milestones")
+                ],
                 "smoke": True,
             }
         return QualityConfig.model_validate(data)
@@ -415,7 +424,7 @@ def plan_run(
     """The milestones one run evaluates and the records it edits, in stream order.
 
     The milestones are the run's (or the suite's) up to the run's ``max_t`` (capped by ``max_t``), counted in
-    records of the dataset itself; a dataset's ``mix`` records are spread through the stream on top
+    records of the dataset itself; a run's ``mix`` records are spread through the stream on top
     (:func:`interleave`). A dataset with fewer valid edits than the largest milestone (records the stream
     rejects, e.g. a blank target, are not edits) ends at its last valid edit instead: that T is every edit the
     dataset has, and is said so. ``read`` caches the records read per (file, count) across calls.
@@ -447,17 +456,17 @@ def plan_run(
         )
         if not milestones or milestones[-1] < len(records):
             milestones.append(len(records))
-    if dataset.mix is not None:
-        mkey = (dataset.mix.path, "all")
+    if run.mix is not None:
+        mkey = (run.mix.path, run.mix.limit)
         if mkey not in read:
             read[mkey] = plan_mixed(qcfg, run)
-        records = interleave(records, read[mkey], dataset.mix.within)
+        records = interleave(records, read[mkey], run.mix.within)
     return milestones, records
 
 
 def plan_mixed(qcfg: QualityConfig, run: RunSpec) -> list:
-    """The records mixed into a run's dataset (none without ``mix``)."""
-    mix = qcfg.datasets[run.dataset].mix
+    """The records mixed into a run's stream (none without ``mix``)."""
+    mix = run.mix
     if mix is None:
         return []
     return dataset_records(DatasetSpec(path=mix.path, format=mix.format), mix.limit or 10**9)
@@ -524,6 +533,8 @@ def quality_benchmark(
         }
         if spec.irrelevant is not None:
             fingerprint["irrelevant"] = spec.irrelevant
+        if run.mix is not None:
+            fingerprint["mix"] = run.mix.model_dump()
         mixed_ids = {r.id for r in plan_mixed(qcfg, run)}
         results_dir = out / "quality" / run.dataset / run.method
 
@@ -552,7 +563,7 @@ def quality_benchmark(
             _write_json(pre_path, {"T": len(recs), **pre, **extra})
             return pre
 
-        def evaluate(editor, recs, pre_edit=pre_edit, mixed_ids=mixed_ids, kind=spec.kind, mix=dataset.mix):
+        def evaluate(editor, recs, pre_edit=pre_edit, mixed_ids=mixed_ids, kind=spec.kind, mix=run.mix):
             own = [r for r in recs if r.id not in mixed_ids]
             res = evaluate_records(
                 editor.model, editor.routed, editor.tokens, own, generate=qcfg.generate, progress=True

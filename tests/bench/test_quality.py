@@ -143,12 +143,18 @@ def test_shipped_benchmark_config_is_valid():
     for spec in cfg.methods.values():
         method_settings(spec)
     for d in cfg.datasets.values():
-        assert (ROOT / d.path).exists() and (ROOT / d.irrelevant["path"]).exists()
+        assert (ROOT / d.path).exists() and (not d.irrelevant or (ROOT / d.irrelevant["path"]).exists())
+    assert all((ROOT / r.mix.path).exists() for r in cfg.runs if r.mix)
     runs = {r.name: r.max_t for r in cfg.runs}
-    assert runs["wise-retrieve/zsre"] == 1000 and all(t >= 100 for t in runs.values()) and len(runs) == 8
+    assert runs["keyed/zsre"] == runs["keyed/counterfact"] == runs["wise-retrieve/zsre"] == 1000
+    assert runs["keyed/counterfact-long"] == 9000
+    assert all(t >= 100 for t in runs.values()) and len(runs) == 11
     assert method_settings(cfg.methods["wise-merge"]).retrieve is False
+    assert method_settings(cfg.methods["keyed"]).layout == "keyed"
     smoke = load_quality_config(path, smoke=True)
     assert smoke.milestones == (1, 2) and all(r.max_t == 2 for r in smoke.runs)
+    # the long run is left out of the smoke run
+    assert {r.name for r in smoke.runs} == set(runs) - {"keyed/counterfact-long"}
 
 
 def test_a_dataset_shorter_than_a_milestone_ends_at_its_last_valid_edit(tmp_path):
@@ -168,7 +174,10 @@ def test_a_dataset_shorter_than_a_milestone_ends_at_its_last_valid_edit(tmp_path
     )
     cfg = cfg.model_copy(
         update={
-            "datasets": {**cfg.datasets, "zsre": cfg.datasets["zsre"].model_copy(update={"path": str(data)})}
+            "datasets": {
+                **cfg.datasets,
+                "zsre": cfg.datasets["zsre"].model_copy(update={"path": str(data)}),
+            }
         }
     )
     run = next(r for r in cfg.runs if r.name == "wise-merge/zsre")
@@ -177,8 +186,11 @@ def test_a_dataset_shorter_than_a_milestone_ends_at_its_last_valid_edit(tmp_path
     assert plan_run(cfg, run, max_t=2)[0] == [1, 2]  # a cap within the dataset is kept as is
     # the shipped ZsRE file has two records with a blank target: its long run ends at its 998 valid edits
     shipped = planned_milestones(load_quality_config(ROOT / "configs" / "bench" / "quality.yaml"))
-    assert shipped["wise-retrieve/zsre"] == [1, 10, 100, 998]
-    assert all(m == [1, 10, 100] for name, m in shipped.items() if name != "wise-retrieve/zsre")
+    assert shipped["wise-retrieve/zsre"] == shipped["keyed/zsre"] == [1, 10, 100, 998]
+    assert shipped["keyed/counterfact"] == [1, 10, 100, 1000]
+    assert shipped["keyed/counterfact-long"] == [1000, 2000, 5000, 9000]
+    long = {"wise-retrieve/zsre", "keyed/zsre", "keyed/counterfact", "keyed/counterfact-long"}
+    assert all(m == [1, 10, 100] for name, m in shipped.items() if name not in long)
     # a dataset without one valid edit is an error naming it, not an empty run
     data.write_text(json.dumps([{**records[1]}]))
     with pytest.raises(ConfigError, match="holds no valid edit"):
@@ -207,7 +219,7 @@ def test_smoke_benchmark_runs_end_to_end(tmp_path):
     report = (out / "REPORT.md").read_text()
     for dataset in ("zsre", "counterfact"):
         assert (out / f"retention_{dataset}.png").stat().st_size > 10_000
-        for method in ("wise-retrieve", "wise-merge", "ft-l", "grace"):
+        for method in ("keyed", "wise-retrieve", "wise-merge", "ft-l", "grace"):
             assert f"| {method} | 2 |" in report
             r = json.loads((out / "quality" / dataset / method / "T2.json").read_text())
             assert r["T"] == 2 and r["command"].startswith("wisestream bench quality --smoke")
