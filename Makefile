@@ -71,13 +71,14 @@ bench-shards: model
 	$(PY) -m wisestream bench shards --edits 8
 
 bench-speed: model
-	$(PY) -m wisestream bench speed --edits 3
+	$(PY) -m wisestream bench engines --edits 20
 
 # The benchmark report (benchmarks/results/REPORT.md): quality runs up to T=100 first, speed, layouts and serving
 # (on the default job's state: `make run` resumes it and applies nothing once it has finished), then the long runs
 # (hours on CPU; rerunning resumes and never recomputes a finished milestone), then the report.
 bench: model
 	$(PY) -m wisestream bench quality --max-t 100
+	$(PY) -m wisestream bench engines --edits 20 --out benchmarks/results/engines.json
 	$(PY) -m wisestream bench speed --edits 3 --set wise.save_freq=5 --set wise.merge_freq=5 --out benchmarks/results/speed.json
 	$(PY) -m wisestream bench shards --edits 8 --set wise.save_freq=2 --set wise.merge_freq=2 --out benchmarks/results/shards.json
 	$(PY) -m wisestream run configs/default.yaml

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import WaitTimeout, free_port, wait_for
+from helpers import WISE_KEYED, WISE_SHARDS, WaitTimeout, free_port, wait_for
 
 # Ray instances started by tests bind to 127.0.0.1 only (Ray 2.60 otherwise maps 127.0.0.1 to the machine's
 # reachable address); must be set before ray is first imported.
@@ -126,27 +126,6 @@ def make_edits(n: int) -> list[dict]:
             }
         )
     return out
-
-
-WISE_KEYED = """wise:
-  layer: 2
-  templates: {count: 2, length: 3}
-  save_freq: 4
-  merge_freq: 8
-  keyed: {columns: 8, n_iter: 8, early_stop_loss: 0.0, block_edits: 16}
-"""
-WISE_SHARDS = """wise:
-  layout: shards
-  layer: 2
-  n_iter: 8
-  early_stop_loss: 0.0
-  templates: {count: 2, length: 3}
-  save_freq: 4
-  merge_freq: 8
-  n_irrelevant: 3
-  hard_negatives: 0.34
-  margins: {alpha: 0.5, beta: 2.0, gamma: 1.0, scale: auto}
-"""
 
 
 @pytest.fixture(params=["keyed"])

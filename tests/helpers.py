@@ -55,3 +55,25 @@ def free_port() -> int:
 def n_iter(steps: int, layout: str = "keyed") -> str:
     """The override that sets the optimizer steps per edit (or per shard) of a job in ``layout``."""
     return f"wise.keyed.n_iter={steps}" if layout == "keyed" else f"wise.n_iter={steps}"
+
+
+# the wise: block of the tiny-model job config (conftest.job_files), per layout
+WISE_KEYED = """wise:
+  layer: 2
+  templates: {count: 2, length: 3}
+  save_freq: 4
+  merge_freq: 8
+  keyed: {columns: 8, n_iter: 8, early_stop_loss: 0.0, block_edits: 16}
+"""
+WISE_SHARDS = """wise:
+  layout: shards
+  layer: 2
+  n_iter: 8
+  early_stop_loss: 0.0
+  templates: {count: 2, length: 3}
+  save_freq: 4
+  merge_freq: 8
+  n_irrelevant: 3
+  hard_negatives: 0.34
+  margins: {alpha: 0.5, beta: 2.0, gamma: 1.0, scale: auto}
+"""

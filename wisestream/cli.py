@@ -38,6 +38,26 @@ def _bench_speed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_engines(args: argparse.Namespace) -> int:
+    from bench.engines import engine_comparison
+
+    cfg = load_config(args.config, list(args.set or []))
+    result = engine_comparison(cfg, load_config(args.compare), n_edits=args.edits)
+    _save_result(args, result)
+    sides = result["sides"]
+    for name, side in sides.items():
+        tf = side["metrics"]["teacher_forced"]
+        print(
+            f"{name:>9}: {side['seconds_per_edit']:.2f} s/edit, {side['steps_per_edit']:.1f} steps/edit, "
+            f"rel {tf['reliability']:.3f} gen {tf['generalization']:.3f} loc {tf['locality']:.3f}"
+        )
+    print(
+        f"default is {result['ratio_vs_reference']:.2f}x faster than the reference settings, "
+        f"{result['ratio_vs_2edit']:.2f}x faster than the 2-edit editor"
+    )
+    return 0
+
+
 def _save_result(args: argparse.Namespace, result: dict) -> None:
     """Write a benchmark result with the command and machine, for the report (``--out``)."""
     if args.out:
@@ -216,12 +236,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_run)
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
-    speed = bench_sub.add_parser("speed", help="cached engine vs naive full-forward editing, same edits")
+    speed = bench_sub.add_parser(
+        "speed", help="cached engine vs naive full-forward editing, same edits and settings (shards layout)"
+    )
     speed.add_argument("--edits", type=int, default=3, help="edits timed on each side (default 3)")
-    speed.add_argument("--config", type=Path, default=Path("configs/default.yaml"))
+    speed.add_argument("--config", type=Path, default=Path("configs/wise-2edit.yaml"))
     speed.add_argument("--set", action="append", metavar="KEY=VALUE")
     speed.add_argument("--out", help="also write the result (with command and machine) to this JSON file")
     speed.set_defaults(func=_bench_speed)
+    engines = bench_sub.add_parser(
+        "engines", help="s/edit of the default editor vs the 2-edit editor and WISE's reference settings"
+    )
+    engines.add_argument("--edits", type=int, default=20, help="edits applied by each side (default 20)")
+    engines.add_argument("--config", type=Path, default=Path("configs/default.yaml"))
+    engines.add_argument("--compare", type=Path, default=Path("configs/wise-2edit.yaml"))
+    engines.add_argument("--set", action="append", metavar="KEY=VALUE", help="override of --config")
+    engines.add_argument("--out", help="also write the result (with command and machine) to this JSON file")
+    engines.set_defaults(func=_bench_engines)
     quality = bench_sub.add_parser(
         "quality",
         help="retention vs T for WISE and baselines on ZsRE/CounterFact (resumable), then the report",
