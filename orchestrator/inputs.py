@@ -27,6 +27,7 @@ from streams import (
     KafkaEditConsumer,
     KafkaItem,
     KafkaSettings,
+    StreamRecord,
     open_source,
 )
 
@@ -56,15 +57,15 @@ class EditInput(Protocol):
     heartbeat_s: float | None
     dead_letter_target: str
 
-    def next(self, wait: bool) -> tuple[Any, EditRecord] | None:
+    def next(self, wait: bool) -> tuple[Any, StreamRecord] | None:
         """Return the next valid record with its position token, or None when there is none now.
 
         Args:
             wait: May block (up to the poll timeout) for new records; False while editors are busy.
         """
 
-    def reject(self, token: Any, rec: EditRecord, reason: str) -> None:
-        """Dead-letter a record the job refuses (prompt too long for the model)."""
+    def reject(self, token: Any, rec: StreamRecord, reason: str) -> None:
+        """Dead-letter a record the job refuses (prompt too long for the model, retraction of an unknown edit)."""
 
     def hold(self) -> None:
         """The job reads nothing for now (backpressure): stop fetching, but stay alive."""
@@ -105,14 +106,14 @@ class FileInput:
     def rejected(self) -> int:
         return self.stream.rejected
 
-    def next(self, wait: bool = True) -> tuple[int, EditRecord] | None:
+    def next(self, wait: bool = True) -> tuple[int, StreamRecord] | None:
         try:
             return next(self._it)
         except StopIteration:
             self.exhausted = True
             return None
 
-    def reject(self, token: int, rec: EditRecord, reason: str) -> None:
+    def reject(self, token: int, rec: StreamRecord, reason: str) -> None:
         self.dead_letter.write(
             position=token, source=self.stream.source.name, reason=reason, raw=rec.to_json()
         )
@@ -161,7 +162,7 @@ class KafkaInput:
         self.heartbeat_s = min(1.0, settings.poll_timeout_s)
         self.dead_letter_target = f"kafka:{settings.dead_letter_topic}"
 
-    def next(self, wait: bool = True) -> tuple[KafkaItem, EditRecord] | None:
+    def next(self, wait: bool = True) -> tuple[KafkaItem, StreamRecord] | None:
         while True:
             if not self._buffer:
                 if self.consumer.paused:
@@ -179,7 +180,7 @@ class KafkaInput:
                 continue
             return item, item.record
 
-    def reject(self, token: KafkaItem, rec: EditRecord, reason: str) -> None:
+    def reject(self, token: KafkaItem, rec: StreamRecord, reason: str) -> None:
         self.consumer.dead_letter(token, reason, rec.to_json().encode())
 
     def hold(self) -> None:
@@ -234,7 +235,7 @@ def irrelevant_pool(cfg: JobConfig) -> list[tuple[str, str]]:
         return []
     pool: list[tuple[str, str]] = []
     for _, rec in EditStream(open_source(cfg.irrelevant.path, cfg.irrelevant.format)):
-        if rec.locality_prompt and rec.locality_answer:
+        if isinstance(rec, EditRecord) and rec.locality_prompt and rec.locality_answer:
             pool.append((rec.locality_prompt, rec.locality_answer))
         if len(pool) >= cfg.irrelevant.limit:
             break

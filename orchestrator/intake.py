@@ -1,7 +1,8 @@
 """Reading the edit input into the shard book, only as fast as the editors consume it.
 
 Each record read is a duplicate (its id was accepted before: skipped), a record whose prompt the model cannot
-take (dead-lettered), or accepted: appended to its shard and to the checkpoint journal.
+take (dead-lettered), or accepted: appended to its shard and to the checkpoint journal. A retraction is queued
+(:mod:`orchestrator.retract`) or, naming an edit not in the state, dead-lettered.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from typing import Any
 from orchestrator.checkpoint import CheckpointStore
 from orchestrator.config import JobConfig
 from orchestrator.inputs import EditInput
+from orchestrator.retract import Retractions
 from orchestrator.scheduler import ShardBook
 from orchestrator.telemetry.observer import JobObserver
 from orchestrator.telemetry.sinks import MetricsSink
-from streams import EditRecord
+from streams import EditRecord, RetractRecord
 from wise.batch import PromptTooLongError, Tokens
 from wise.trainer import check_edit
 
@@ -39,6 +41,7 @@ class Intake:
         counters: the job's counters (``edits_seen``, ``duplicates_skipped``, ``dead_lettered``), updated here.
         seen_ids: ids accepted so far.
         stopping: whether the job is stopping (SIGTERM): reading stops at once.
+        retractions: where retraction records are queued.
 
     Attributes:
         stream_done: nothing more will be read (the input is exhausted or ``max_edits`` are accepted).
@@ -57,6 +60,7 @@ class Intake:
         counters: dict[str, int],
         seen_ids: set[str],
         stopping: Callable[[], bool],
+        retractions: Retractions,
     ) -> None:
         self.cfg = cfg
         self.input = inp
@@ -69,6 +73,7 @@ class Intake:
         self.counters = counters
         self.seen_ids = seen_ids
         self.stopping = stopping
+        self.retractions = retractions
         self.stream_done = cfg.max_edits is not None and cfg.max_edits <= len(book.records)
 
     def read(self) -> None:
@@ -90,6 +95,9 @@ class Intake:
             position, rec = got
             wait = False  # at most one blocking wait per call
             self.counters["edits_seen"] += 1
+            if isinstance(rec, RetractRecord):
+                self._retract(position, rec)
+                continue
             if rec.id in self.seen_ids:
                 logger.info("edit %s at position %s is already applied: skipped", rec.id, position)
                 self.counters["duplicates_skipped"] += 1
@@ -117,7 +125,16 @@ class Intake:
             entry = {"kind": "lag", "edits": self.book.n_applied(), "time": time.time(), "lag": lag}
             self.sink.record({**entry, "lag_total": sum(lag.values())})
 
-    def _reject(self, position: Any, rec: EditRecord, reason: str) -> None:
+    def _retract(self, position: Any, rec: RetractRecord) -> None:
+        """Queue a retraction after the edits accepted so far, or dead-letter it (its edit is not in the state)."""
+        reason = self.retractions.refusal(rec.id, self.seen_ids, self.book.bank)
+        if reason is not None:
+            self._reject(position, rec, reason)
+            return
+        logger.info("retraction of %s at position %s queued", rec.id, position)
+        self.retractions.add(rec.id, len(self.book.records))
+
+    def _reject(self, position: Any, rec: EditRecord | RetractRecord, reason: str) -> None:
         logger.warning("edit %s at position %s rejected: %s", rec.id, position, reason)
         self.input.reject(position, rec, reason)
         self.counters["dead_lettered"] += 1

@@ -34,6 +34,7 @@ from orchestrator.measure import StateView
 from orchestrator.model_store import resolve_model_path
 from orchestrator.report import build_report, memory_cost, write_report
 from orchestrator.resume import checkpoint_state, job_identity, restore
+from orchestrator.retract import Retractions
 from orchestrator.scheduler import ShardBook
 from orchestrator.telemetry.metrics import JobMetrics
 from orchestrator.telemetry.monitor import RetentionMonitor
@@ -96,6 +97,7 @@ class EditJob:
         self.bank = make_bank(cfg.wise)
         self.book = ShardBook(cfg.wise.save_freq, self.bank)
         self.counters: dict[str, int] = {}
+        self.retractions = Retractions()
         self.evaluations: list[dict] = []
         self.resumed_from: dict[str, Any] | None = None
         self._published_version = 0
@@ -129,6 +131,7 @@ class EditJob:
         self.counters, self.evaluations = restored.counters, restored.evaluations
         self.setup_state, self.resumed_from = restored.setup, restored.resumed_from
         self._published_version = restored.published_version
+        self.retractions = Retractions(restored.retractions)
         # before Ray: a missing file or an unreachable broker fails fast (a consumer that then waits long for
         # the editors without polling leaves its group and rejoins on its first poll; nothing is lost)
         self.input = open_input(cfg, self._records, restored.position)
@@ -160,6 +163,7 @@ class EditJob:
             self.counters,
             restored.seen_ids,
             stopping=self.stopping,
+            retractions=self.retractions,
         )
         if cfg.publish.replicas:
             from orchestrator.publish import Publisher
@@ -171,21 +175,31 @@ class EditJob:
             self.publisher.start(self.bank.memories())
 
     # ------------------------------------------------------------------ checkpoint
-    def _checkpoint(self) -> None:
-        """Commit a checkpoint, then acknowledge its read position to the input (Kafka offsets)."""
+    def _checkpoint(self, final: bool = False) -> None:
+        """Apply the retractions that are due, commit a checkpoint, then acknowledge its read position to the
+        input (Kafka offsets). ``final``: the stream has ended (:meth:`Retractions.apply`)."""
         store, inp, observer, intake = self.store, self.input, self.observer, self.intake
         assert store is not None and inp is not None and observer is not None and intake is not None
+        self.retractions.apply(self.book, self.bank, final)
         position = inp.checkpoint_state()
         version = self.publisher.version if self.publisher else self._published_version
         state = checkpoint_state(
-            store, position, self.book, self.bank, self.setup_state, self.counters, self.evaluations, version
+            store,
+            position,
+            self.book,
+            self.bank,
+            self.setup_state,
+            self.counters,
+            self.evaluations,
+            version,
+            self.retractions.state(),
         )
         store.commit(state)
         inp.after_commit(position)
         observer.checkpoint(state, self.book, self.bank, self.counters)
         intake.record_lag()
         if self.publisher is not None:  # after the commit: a served version is always a checkpointed one
-            self.publisher.maybe_publish(self.bank.memories(), self.book.merges)
+            self.publisher.maybe_publish(self.bank.memories(), self.book.merges, self.retractions.applied)
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> dict[str, Any]:
@@ -232,6 +246,8 @@ class EditJob:
         self._checkpoint()
         while True:
             intake.read()
+            if self.retractions.due(self.book):  # its edits are stored already: no editor report will follow
+                self._checkpoint()
             intake.record_lag()  # at most every LAG_EVERY_S: an idle consumer reports its lag too
             # a caught-up Kafka stream trains its partial last shard rather than wait for a full one
             self.editors.dispatch(self.book, self.bank, intake.stream_done or inp.caught_up, self.stopping)
@@ -250,7 +266,7 @@ class EditJob:
         results.close()
         edit_seconds = time.perf_counter() - start
         monitor.drain(self.bank.n_edits(), view.eval_inputs)
-        self._checkpoint()
+        self._checkpoint(final=intake.stream_done and self.book.settled())
         intake.record_lag(force=True)
         return self._finish(start, edit_seconds, self.book.n_applied() - applied_at_start)
 
@@ -274,6 +290,7 @@ class EditJob:
             applied=ids,
             accepted=[r.id for r in self.book.records],
             unstored=[r.id for r in self.book.open_records()],
+            retractions_pending=[p.id for p in self.retractions.pending],
             stopped=self._stopping,
             resumed_from=self.resumed_from,
             evaluated=evaluated,

@@ -86,7 +86,7 @@ class Publisher:
         self.pool = ServingPool(replica_spec(pub, model, wise), pub.replicas, metrics=metrics)
         self.pool.version = version
         self.published_edits = -1
-        self.published_merges = -1
+        self.published_changes: tuple[int, int] | None = None  # (merges, retractions) last published
         self.failures = 0
         self.last: dict | None = None
 
@@ -103,16 +103,17 @@ class Publisher:
             self.publish(memories)
         return infos
 
-    def maybe_publish(self, memories: list[Memory], merges: int) -> dict | None:
-        """Publish the stored memories if a merge happened or ``publish.every`` edits were stored since."""
+    def maybe_publish(self, memories: list[Memory], merges: int, retractions: int = 0) -> dict | None:
+        """Publish the stored memories if a merge or a retraction happened or ``publish.every`` edits were
+        stored since (``merges``, ``retractions``: how many this run has applied so far)."""
         n = sum(len(m.edit_ids) for m in memories)
-        due_merge = merges != self.published_merges
+        due_merge = (merges, retractions) != self.published_changes
         due_every = self.pub.every and n - max(self.published_edits, 0) >= self.pub.every
         if n == 0 or not (due_merge or due_every) or n == self.published_edits and not due_merge:
             return None
         result = self.publish(memories)
         if result is not None:
-            self.published_merges = merges
+            self.published_changes = (merges, retractions)
         return result
 
     def publish(self, memories: list[Memory]) -> dict | None:

@@ -33,6 +33,7 @@ def build_report(
     accepted: Sequence[str],
     unstored: Sequence[str],
     stopped: bool,
+    retractions_pending: Sequence[str] = (),
     resumed_from: dict[str, Any] | None,
     evaluated: int,
     result: dict[str, Any],
@@ -57,6 +58,8 @@ def build_report(
         unstored: ids of the accepted records of shards not stored yet.
         stopped: the job stopped on SIGTERM: accepted records not in the state are pending (the next run applies
             them), not lost.
+        retractions_pending: ids whose retraction waits for the edits before it to be stored (the partial
+            last shard: a later run applies it).
         resumed_from: where this run resumed (None: a fresh job).
         evaluated: edits in the final measurement.
         result: the final measurement (``retention_fields``).
@@ -89,6 +92,7 @@ def build_report(
         "edits_pending": len(pending),
         "edits_superseded": len(superseded),
         "edits_retracted": len(retracted),
+        "retractions_pending": list(retractions_pending),
         "stopped_by_signal": stopped,
         "lost_ids": lost[:20],
         "resumed_from": resumed_from,

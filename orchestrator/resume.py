@@ -2,16 +2,18 @@
 
 The state is JSON: the input's read position (a file position or Kafka offsets), how many records were accepted
 (the journal's first ``accepted`` lines), the first shard not stored yet, the editors' setup (templates and
-margins), the memory files of the bank and of the shards under way, the counters, the retention measurements
-and the version last published. Restoring reads it back into a bank and a shard book exactly as they were at
-that commit; the shards under way continue from their saved memories.
+margins), the memory files of the bank (with the superseded and retracted ids) and of the shards under way, the
+retractions read but not applied yet, the counters, the retention measurements and the version last published.
+Restoring reads it back into a bank and a shard book exactly as they were at that commit; the shards under way
+continue from their saved memories.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.checkpoint import CheckpointStore
@@ -53,6 +55,7 @@ class Restored:
         setup: the editors' templates and margins, None until the first editor derives them.
         published_version: the version last published to the serving replicas.
         position: where a file input continues (records read so far).
+        retractions: retractions read but not applied yet (:meth:`~orchestrator.retract.Retractions.state`).
         resumed_from: the report's ``resumed_from``; None for a fresh job.
     """
 
@@ -64,6 +67,7 @@ class Restored:
     setup: dict | None = None
     published_version: int = 0
     position: int = 0
+    retractions: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: dict[str, Any] | None = None
 
 
@@ -109,6 +113,7 @@ def restore(store: CheckpointStore, cfg: JobConfig) -> Restored:
         setup=ckpt["setup"],
         published_version=ckpt.get("published_version", 0),
         position=position,
+        retractions=ckpt.get("retractions", []),
         resumed_from={
             "position": position if cfg.stream.kind == "file" else ckpt.get("offsets"),
             "records": len(records),
@@ -127,6 +132,7 @@ def checkpoint_state(
     counters: dict[str, int],
     evaluations: list[dict],
     published_version: int,
+    retractions: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     """The state to commit, after writing the memory files it references that are not on disk yet.
 
@@ -139,6 +145,7 @@ def checkpoint_state(
         counters: the job's counters.
         evaluations: the retention measurements so far.
         published_version: the version last published (0 without serving).
+        retractions: retractions read but not applied yet (:meth:`~orchestrator.retract.Retractions.state`).
     """
     shards = [
         {"shard_id": sid, "memory": store.write_memory(mem, "shard")} for sid, mem in book.in_progress()
@@ -159,4 +166,5 @@ def checkpoint_state(
         "counters": counters,
         "evaluations": evaluations,
         "published_version": published_version,
+        "retractions": list(retractions),
     }

@@ -1,7 +1,8 @@
 """Kafka settings, the message format, errors and topic administration shared by consumer and producer.
 
-Message format: one canonical :class:`~streams.record.EditRecord` per message, its value the JSON of
-:meth:`~streams.record.EditRecord.to_json` and its key the edit id (UTF-8). Values are validated exactly like
+Message format: one canonical :class:`~streams.record.EditRecord` (or :class:`~streams.record.RetractRecord`)
+per message, its value the JSON of :meth:`~streams.record.EditRecord.to_json` and its key the edit id (UTF-8):
+a retraction carries the id of the edit it removes, so it lands in that edit's partition, after it. Values are validated exactly like
 a canonical JSON Lines row (:func:`~streams.record.parse_record`, same :class:`RecordLimits`); a key that is
 not UTF-8 or differs from the record's ``id`` is a rejection too, while a missing key is accepted. A
 rejected message goes to the dead-letter topic unchanged (same key and value) with the headers
@@ -38,7 +39,7 @@ from pydantic import (
 )
 
 from streams.errors import InvalidRecordError, Issue, StreamError
-from streams.record import EditRecord, RecordLimits, parse_record
+from streams.record import RecordLimits, StreamRecord, parse_record
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +200,7 @@ class KafkaItem:
     partition: int
     offset: int
     key: str | None
-    record: EditRecord | None
+    record: StreamRecord | None
     error: InvalidRecordError | None
     timestamp_ms: int | None = None
 
@@ -229,7 +230,7 @@ def next_offsets(items: Iterable[KafkaItem]) -> dict[PartitionKey, int]:
     return offsets
 
 
-def encode_record(record: EditRecord) -> tuple[bytes, bytes]:
+def encode_record(record: StreamRecord) -> tuple[bytes, bytes]:
     """Return the ``(key, value)`` of the message carrying ``record``.
 
     Args:
@@ -243,7 +244,7 @@ def encode_record(record: EditRecord) -> tuple[bytes, bytes]:
 
 def decode_message(
     key: bytes | None, value: bytes | None, limits: RecordLimits
-) -> tuple[str | None, EditRecord | None, InvalidRecordError | None]:
+) -> tuple[str | None, StreamRecord | None, InvalidRecordError | None]:
     """Validate one message; never raises on bad input.
 
     Args:

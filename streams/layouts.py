@@ -15,7 +15,7 @@ from types import MappingProxyType
 from typing import Any
 
 from streams.errors import FormatError, InvalidRecordError, Issue
-from streams.record import EditRecord, RecordLimits, type_name, validate_mapping
+from streams.record import RecordLimits, StreamRecord, is_retraction, type_name, validate_mapping
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class Layout:
             )
         return self.convert(row, index)
 
-    def to_record(self, row: object, index: int, limits: RecordLimits) -> EditRecord:
+    def to_record(self, row: object, index: int, limits: RecordLimits) -> StreamRecord:
         """Map and validate one row (the raw-size check is the caller's job).
 
         Args:
@@ -72,11 +72,13 @@ class Layout:
             limits: Limits in force.
 
         Returns:
-            The validated record.
+            The validated record (a row with ``"op": "retract"`` is a retraction in any layout).
 
         Raises:
             InvalidRecordError: The row is invalid; fields are named with this layout's own keys.
         """
+        if isinstance(row, Mapping) and row.get("op", "edit") != "edit":
+            return validate_mapping(row, limits)  # a retraction (or a bad op) reads alike in every layout
         canonical = self(row, index)
         try:
             return validate_mapping(canonical, limits)
@@ -259,7 +261,7 @@ def sniff_layout(rows: Iterable[object], *, where: str, max_rows: int = 100) -> 
         max_rows: How many rows to look at before giving up.
 
     Returns:
-        The layout name; ``"canonical"`` for a source with no rows at all.
+        The layout name; ``"canonical"`` for a source with no rows at all (or only retractions).
 
     Raises:
         FormatError: None of the first ``max_rows`` rows matches a layout.
@@ -267,6 +269,8 @@ def sniff_layout(rows: Iterable[object], *, where: str, max_rows: int = 100) -> 
     first_object: Mapping[str, Any] | None = None
     seen = 0
     for row in rows:
+        if is_retraction(row):
+            continue  # a retraction has the same form in every layout: it says nothing about it
         name = match_layout(row)
         if name is not None:
             return name

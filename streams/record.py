@@ -12,7 +12,7 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -228,6 +228,40 @@ class EditRecord(BaseModel):
         return f"{self.locality_prompt} {self.locality_answer}"
 
 
+class RetractRecord(BaseModel):
+    """A retraction: remove the applied edit ``id`` from the state (``{"op": "retract", "id": ...}``).
+
+    Attributes:
+        op: Always ``"retract"``.
+        id: The id of the edit to remove (non-empty, at most 200 chars).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    op: Literal["retract"] = "retract"
+    id: IdText
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the canonical, JSON-ready dict (``op`` and ``id``)."""
+        return self.model_dump(mode="json")
+
+    def to_json(self) -> str:
+        """Return the canonical JSON text of the retraction (one line)."""
+        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))
+
+
+#: What a stream carries: an edit, or the retraction of an earlier edit.
+StreamRecord = EditRecord | RetractRecord
+
+#: The record kinds, by the value of their ``op`` field (``edit`` when the field is absent).
+OPS: Mapping[str, type[BaseModel]] = {"edit": EditRecord, "retract": RetractRecord}
+
+
+def is_retraction(row: object) -> bool:
+    """Whether a decoded row asks for a retraction (``"op": "retract"``); never raises."""
+    return isinstance(row, Mapping) and row.get("op") == "retract"
+
+
 _NON_EMPTY_FIELDS = frozenset({"id", "prompt", "target", "locality_prompt", "locality_answer"})
 
 
@@ -308,18 +342,20 @@ def decode_json_object(raw: str | bytes, limits: RecordLimits) -> object:
         raise InvalidRecordError.from_issues([Issue(None, f"not valid JSON: {exc}")]) from None
 
 
-def validate_mapping(data: object, limits: RecordLimits) -> EditRecord:
+def validate_mapping(data: object, limits: RecordLimits) -> StreamRecord:
     """Validate an already decoded canonical dict, without the raw-size check.
+
+    The optional ``op`` field picks the kind: ``"edit"`` (the default) or ``"retract"``.
 
     Args:
         data: The decoded record; must be a mapping with the canonical fields.
         limits: Limits in force.
 
     Returns:
-        The validated record.
+        The validated record: an :class:`EditRecord`, or a :class:`RetractRecord` for ``"op": "retract"``.
 
     Raises:
-        InvalidRecordError: ``data`` is not a mapping or any field is invalid.
+        InvalidRecordError: ``data`` is not a mapping, ``op`` is unknown, or any field is invalid.
     """
     if not isinstance(data, Mapping):
         raise InvalidRecordError.from_issues(
@@ -330,8 +366,16 @@ def validate_mapping(data: object, limits: RecordLimits) -> EditRecord:
         raise InvalidRecordError.from_issues(
             [Issue(None, f"field names must be strings, got {bad_keys[:3]!r}")]
         )
+    fields = dict(data)
+    op = fields.get("op", "edit")
+    model = OPS.get(op) if isinstance(op, str) else None
+    if model is None:
+        choices = " or ".join(repr(k) for k in OPS)
+        raise InvalidRecordError.from_issues([Issue("op", f"must be {choices}, got {op!r}"[:300])])
+    if model is EditRecord:
+        fields.pop("op", None)  # the default kind: an edit record has no op field
     try:
-        return EditRecord.model_validate(dict(data), context={_LIMITS_KEY: limits})
+        return model.model_validate(fields, context={_LIMITS_KEY: limits})  # type: ignore[return-value]
     except ValidationError as exc:
         issues = [_issue_from_pydantic(error) for error in exc.errors(include_url=False)]
         raise InvalidRecordError.from_issues(issues) from None
@@ -339,8 +383,9 @@ def validate_mapping(data: object, limits: RecordLimits) -> EditRecord:
 
 def parse_record(
     raw: Mapping[str, Any] | str | bytes, *, limits: RecordLimits = _DEFAULT_LIMITS
-) -> EditRecord:
-    """Parse one canonical record from a dict or its JSON text.
+) -> StreamRecord:
+    """Parse one canonical record (an edit, or a retraction with ``"op": "retract"``) from a dict or its JSON
+    text.
 
     Args:
         raw: The record as a mapping, or as JSON text (str or UTF-8 bytes).
@@ -350,8 +395,9 @@ def parse_record(
         The validated, immutable record.
 
     Raises:
-        InvalidRecordError: The record is too large, not JSON, not an object, or has a missing, unknown,
-            wrongly typed, blank or oversized field. The message names every offending field.
+        InvalidRecordError: The record is too large, not JSON, not an object, has an unknown ``op``, or has a
+            missing, unknown, wrongly typed, blank or oversized field. The message names every offending
+            field.
     """
     if isinstance(raw, (str, bytes)):
         data = decode_json_object(raw, limits)

@@ -14,7 +14,15 @@ from typing import Any
 
 from streams.errors import InvalidRecordError
 from streams.layouts import get_layout
-from streams.record import EditRecord, RecordLimits, check_record_size, decode_json_object, json_dump_row
+from streams.record import (
+    EditRecord,
+    RecordLimits,
+    RetractRecord,
+    StreamRecord,
+    check_record_size,
+    decode_json_object,
+    json_dump_row,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -25,14 +33,14 @@ class SourceItem:
 
     Attributes:
         position: 0-based index of the row in the source.
-        record: The validated record, or ``None`` when the row was rejected.
+        record: The validated record (an edit or a retraction), or ``None`` when the row was rejected.
         error: Why the row was rejected, or ``None`` when it is valid.
         raw: The row's original text (a JSON Lines line) or its JSON dump; set for rejected rows so they
             can be dead-lettered, ``None`` for accepted ones.
     """
 
     position: int
-    record: EditRecord | None
+    record: StreamRecord | None
     error: InvalidRecordError | None
     raw: str | None = None
 
@@ -156,14 +164,14 @@ def item_from_any(position: int, value: Any, *, layout: str, limits: RecordLimit
 
     Args:
         position: The value's index in its iterable.
-        value: A mapping in ``layout``, an :class:`EditRecord`, or JSON text of a row.
+        value: A mapping in ``layout``, an :class:`EditRecord` or :class:`RetractRecord`, or JSON text of a row.
         layout: Layout of mapping / JSON values.
         limits: Limits in force (records are re-validated against them).
 
     Returns:
         An item holding either the record or the error.
     """
-    if isinstance(value, EditRecord):
+    if isinstance(value, (EditRecord, RetractRecord)):
         # Re-validate: the record may have been built under other limits.
         return item_from_row(position, value.to_dict(), layout="canonical", limits=limits)
     if isinstance(value, (str, bytes)):
@@ -171,6 +179,6 @@ def item_from_any(position: int, value: Any, *, layout: str, limits: RecordLimit
     if isinstance(value, Mapping):
         return item_from_row(position, value, layout=layout, limits=limits)
     error = InvalidRecordError(
-        f"item must be a mapping, an EditRecord or a JSON string, got {type(value).__name__}"
+        f"item must be a mapping, an EditRecord, a RetractRecord or a JSON string, got {type(value).__name__}"
     )
     return SourceItem(position=position, record=None, error=error, raw=repr(value)[:4096])

@@ -18,7 +18,7 @@ import logging
 from collections.abc import Iterator
 
 from streams.deadletter import DeadLetterFile
-from streams.record import EditRecord
+from streams.record import StreamRecord
 from streams.source_base import EditSource, SourceItem, check_start
 
 logger = logging.getLogger(__name__)
@@ -82,10 +82,10 @@ class EditStream:
         """True once ``max_records`` records have been accepted."""
         return self.max_records is not None and self.accepted >= self.max_records
 
-    def __iter__(self) -> Iterator[tuple[int, EditRecord]]:
+    def __iter__(self) -> Iterator[tuple[int, StreamRecord]]:
         return self._records()
 
-    def _records(self) -> Iterator[tuple[int, EditRecord]]:
+    def _records(self) -> Iterator[tuple[int, StreamRecord]]:
         if self._items is None:
             self._items = self.source.read(self.start)
         # Check the limit BEFORE pulling the next row, so nothing past the last accepted row is consumed.
@@ -126,7 +126,7 @@ class EditStream:
                 position=item.position, source=self.source.name, reason=reason, raw=item.raw
             )
 
-    def batches(self, n: int) -> Iterator[list[tuple[int, EditRecord]]]:
+    def batches(self, n: int) -> Iterator[list[tuple[int, StreamRecord]]]:
         """Yield lists of up to ``n`` ``(position, record)`` pairs; only the last may be shorter.
 
         Args:
@@ -142,8 +142,8 @@ class EditStream:
             raise ValueError(f"batch size must be a positive int, got {n!r}")
         return self._batches(n)
 
-    def _batches(self, n: int) -> Iterator[list[tuple[int, EditRecord]]]:
-        batch: list[tuple[int, EditRecord]] = []
+    def _batches(self, n: int) -> Iterator[list[tuple[int, StreamRecord]]]:
+        batch: list[tuple[int, StreamRecord]] = []
         for pair in self:
             batch.append(pair)
             if len(batch) == n:

@@ -1,4 +1,5 @@
-"""``wisestream`` command line: run a job, push edits into Kafka, run benchmarks, materialise the embedded model."""
+"""``wisestream`` command line: run a job, retract edits from its checkpoint, push edits into Kafka, run
+benchmarks, materialise the embedded model."""
 
 from __future__ import annotations
 
@@ -25,6 +26,17 @@ def _run(args: argparse.Namespace) -> int:
     report = run_job(cfg)
     render_summary(report)
     sys.stdout.write(f"report: {cfg.report_path()}\n")
+    return 0
+
+
+def _retract(args: argparse.Namespace) -> int:
+    from orchestrator.retract import retract_checkpoint
+
+    done = retract_checkpoint(args.checkpoint, args.id)
+    sys.stdout.write(
+        f"retracted {len(done['retracted'])} edit(s) ({', '.join(done['retracted'])}); {done['edits']} left in "
+        f"{done['checkpoint']} ({1e3 * done['seconds']:.1f} ms)\n"
+    )
     return 0
 
 
@@ -234,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set wise.layer=20")
     run.add_argument("--report", help="where to write the JSON report (default: <output.dir>/report.json)")
     run.set_defaults(func=_run)
+    retract = sub.add_parser(
+        "retract", help="remove applied edits from a stopped job's checkpoint (routing only, no retraining)"
+    )
+    retract.add_argument("--checkpoint", type=Path, required=True, help="the job's checkpoint.dir")
+    retract.add_argument("--id", action="append", required=True, help="an edit id to remove (repeatable)")
+    retract.set_defaults(func=_retract)
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     speed = bench_sub.add_parser(
@@ -374,6 +392,7 @@ USER_ERRORS = (
     ("orchestrator.errors", "JobError"),
     ("orchestrator.model_store", "ModelUnavailableError"),
     ("orchestrator.publish", "ServeError"),
+    ("orchestrator.retract", "RetractError"),
     ("serving.pool", "ServingError"),
     ("streams.errors", "StreamError"),
     ("wise.layout", "LayoutError"),

@@ -17,6 +17,9 @@ name                                          type       meaning
 ``edits_applied_total``                       counter    edits written into a checkpointed side memory
 ``edits_dead_lettered_total``                 counter    records rejected to the dead-letter file or topic
 ``edits_duplicate_total``                     counter    records skipped because their id was already applied
+``edits_superseded_total``                    counter    edits replaced by a later edit of the same prompt
+                                                         (checkpointed)
+``edits_retracted_total``                     counter    edits removed by a retraction record (checkpointed)
 ``edits_pending``                             gauge      accepted edits not applied yet
 ``editor_failures_total``                     counter    editor actors that died (their shards are retrained)
 ``edit_latency_seconds``                      histogram  from an edit's arrival (read by the job) to its checkpointed
@@ -145,6 +148,8 @@ class JobMetrics:
         self._applied = counter("edits_applied", "edits written into a checkpointed side memory")
         self._dead = counter("edits_dead_lettered", "records rejected to the dead-letter file or topic")
         self._dup = counter("edits_duplicate", "records skipped because their id was already applied")
+        self._superseded = counter("edits_superseded", "edits replaced by a later edit of the same prompt")
+        self._retracted = counter("edits_retracted", "edits removed by a retraction record")
         self._pending = gauge("edits_pending", "accepted edits not applied yet")
         self._failures = counter("editor_failures", "editor actors that died (their shards are retrained)")
         self._latency = histogram(
@@ -196,6 +201,8 @@ class JobMetrics:
             self._applied,
             self._dead,
             self._dup,
+            self._superseded,
+            self._retracted,
             self._failures,
             self._shards,
             self._merges,
@@ -218,6 +225,8 @@ class JobMetrics:
             "dead_lettered": self._dead,
             "duplicates_skipped": self._dup,
             "actor_failures": self._failures,
+            "edits_superseded": self._superseded,
+            "edits_retracted": self._retracted,
         }
         self._counted = dict.fromkeys([*self._totals, "edits_applied"], 0)
         self._arrived: dict[str, float] = {}  # accepted, not applied yet
@@ -252,7 +261,8 @@ class JobMetrics:
     # ------------------------------------------------------------------ stream
     def totals(self, counters: Mapping[str, int]) -> None:
         """Raise the counters to the job's totals (``edits_seen``, ``dead_lettered``, ``duplicates_skipped``,
-        ``actor_failures``; a resumed job's totals include its earlier runs). Counters never go down."""
+        ``actor_failures``, ``edits_superseded``, ``edits_retracted``; a resumed job's totals include its earlier
+        runs; a key not given is left as it is). Counters never go down."""
         with self._lock:
             for key, counter in self._totals.items():
                 total = counters.get(key, 0)

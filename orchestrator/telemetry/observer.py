@@ -29,6 +29,11 @@ def _memory_bytes(m: Memory) -> int:
     return m.delta.numel() * m.delta.element_size() + sum(k.numel() * k.element_size() for k in m.keys)
 
 
+def _removed(bank: MemoryBank) -> dict[str, int]:
+    """The bank's superseded and retracted edits, as counter totals."""
+    return {"edits_superseded": len(bank.superseded), "edits_retracted": len(bank.retracted)}
+
+
 def stream_name(cfg: JobConfig, python_records: bool) -> str:
     """A short description of the job's edit stream (``job_info``)."""
     if cfg.stream.kind == "kafka":
@@ -60,7 +65,7 @@ class JobObserver:
         Raises:
             ConfigError: the port cannot be bound (in use, no permission).
         """
-        self.metrics.totals(counters)
+        self.metrics.totals({**counters, **_removed(book.bank)})
         self.metrics.edits_applied((), book.n_applied())
         book.on_merge = self.metrics.merge_done
         mc = self.cfg.metrics
@@ -98,7 +103,7 @@ class JobObserver:
         applied = book.n_applied()
         m.edits_applied(self._applied, applied, at=state["time"])
         self._applied = []
-        m.totals(counters)
+        m.totals({**counters, **_removed(bank)})
         m.checkpoint_committed(state["time"])
         m.stream_position(state)
         m.pending(len(book.records) - applied)

@@ -140,3 +140,32 @@ def test_error_pickles_with_its_issues() -> None:
     assert clone.reason == info.value.reason
     assert clone.issues == info.value.issues
     assert clone.issues[0].field == "target"
+
+
+def test_op_picks_the_record_kind_and_an_unknown_op_is_named() -> None:
+    from streams import RetractRecord
+
+    assert parse_record({**GOOD, "op": "edit"}) == parse_record(GOOD)
+    retraction = parse_record('{"op": "retract", "id": "e1"}')
+    assert isinstance(retraction, RetractRecord) and retraction.id == "e1"
+    assert parse_record(retraction.to_json()) == retraction
+    assert reason_of({"op": "delete", "id": "e1"}) == "op: must be 'edit' or 'retract', got 'delete'"
+    assert reason_of({"op": 1, "id": "e1"}) == "op: must be 'edit' or 'retract', got 1"
+    assert reason_of({"op": "retract"}) == "id: required field missing"
+    assert reason_of({"op": "retract", "id": "e1", "prompt": "p"}) == "unknown field 'prompt'"
+
+
+def test_retractions_read_alike_in_every_layout_and_sources_keep_their_order(tmp_path) -> None:
+    from streams import EditStream, RetractRecord, open_source
+    from streams.kafka import decode_message
+
+    rows = [{"src": "Who?", "alt": "Ann"}, {"op": "retract", "id": "0"}, {"src": "Where?", "alt": "Rome"}]
+    path = tmp_path / "zsre.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = [rec for _, rec in EditStream(open_source(path))]
+    assert [type(r).__name__ for r in got] == ["EditRecord", "RetractRecord", "EditRecord"]
+    only = tmp_path / "only.jsonl"
+    only.write_text('{"op": "retract", "id": "x"}\n')
+    assert [rec for _, rec in EditStream(open_source(only))] == [RetractRecord(id="x")]
+    # a Kafka message keyed by the edit id it retracts (the edit's partition)
+    assert decode_message(b"x", b'{"op":"retract","id":"x"}', RecordLimits())[1] == RetractRecord(id="x")
