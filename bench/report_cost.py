@@ -148,7 +148,7 @@ def scale_section(record: dict[str, Any] | None, results: Path, machine: str) ->
         "",
         f"![cost vs edits]({png.name})",
         "",
-        f"Machine: {machine} ({r.get('threads')} torch threads).",
+        f"Machine: {machine}.",
         "",
     ]
     return lines
