@@ -99,9 +99,13 @@ def quality_table(by_method: dict[str, dict[int, dict]]) -> list[str]:
 
 def near_miss_table(by_method: dict[str, dict[int, dict]]) -> list[str]:
     """Markdown rows for the results that carry a ``mix`` block: the near-miss edits mixed into the stream,
-    measured on their own after the run's T edits (post-edit, routed fractions, pre-edit). Empty without any."""
+    measured on their own after the run's T edits (post-edit, routed fractions, pre-edit). Empty without any
+    (a milestone reached before the first mixed edit has none to show)."""
     rows = [
-        (m, t, r["mix"]) for m in _methods(by_method) for t, r in sorted(by_method[m].items()) if r.get("mix")
+        (m, t, r["mix"])
+        for m in _methods(by_method)
+        for t, r in sorted(by_method[m].items())
+        if (r.get("mix") or {}).get("edits")
     ]
     if not rows:
         return []

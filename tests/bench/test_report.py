@@ -169,6 +169,7 @@ MIX = {
 
 def test_quality_tables_put_the_memory_cost_beside_retention(tmp_path):
     _quality(tmp_path, "zsre", "keyed", 100, memory=MEMORY, mix=MIX)
+    _quality(tmp_path, "zsre", "keyed", 1, memory=MEMORY, mix={"name": "nearmiss", "edits": 0, "pre": {}})
     _quality(tmp_path, "zsre", "wise-retrieve", 100)  # an older result: no memory block, nothing inferred
     report = render_report(tmp_path).read_text()
     cmd = "`wisestream bench quality --runs keyed/zsre`"
