@@ -392,7 +392,11 @@ def render_report(results: str | Path, planned: dict[str, list[int]] | None = No
         "whether the greedy continuation contains the target. Each T is measured on the state after the "
         "first T edits of one sequential run, which equals an independent T-edit run (tested). s/edit is the "
         "wall-clock editing time per edit averaged over the run's first T edits, on 2 CPU cores shared with other "
-        "work (other engineers' test suites ran at the same time): read it as rough.",
+        "work (other engineers' test suites ran at the same time): read it as rough. B/edit and % of model are "
+        "what the edited layer holds to route and answer (side memories plus routing table or thresholds) per "
+        "edit it holds (mixed near-miss edits included) and as a share of the model's parameter bytes, from the "
+        "result's `memory` block; an en dash where the result has none (results written before it was recorded, "
+        "methods without a side memory).",
         "",
     ]
     for dataset in sorted(quality):
