@@ -9,6 +9,11 @@ Inputs under the results directory:
   it the section says it has not been measured.
 - ``merges_*.json``: ``wisestream bench merges --out ...`` (routing activations at every merge of a WISE-Merge
   run); the section is left out when there is none.
+- ``scale.json``: ``wisestream bench scale --out ...`` (memory and routing overhead against T per layout; see
+  :mod:`bench.report_cost`); without it the section says it has not been measured.
+
+Every retention number stands beside its cost: the quality tables carry bytes per edit and memory as a share of
+the model from each result's ``memory`` block (an en dash where a result has none).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from bench.report_cost import COST_HEADERS, memory_cells, scale_section
 from orchestrator.report import format_number
 
 logger = logging.getLogger(__name__)
@@ -30,7 +36,7 @@ METRICS = (
     ("generate", "reliability", "Rel (gen.)"),
     ("generate", "generalization", "Gen (gen.)"),
 )
-METHOD_ORDER = ("wise-retrieve", "wise-merge", "ft-l", "grace")
+METHOD_ORDER = ("keyed", "wise-retrieve", "wise-merge", "ft-l", "grace")
 
 
 def _load(path: Path) -> dict[str, Any] | None:
@@ -68,12 +74,14 @@ def quality_table(by_method: dict[str, dict[int, dict]]) -> list[str]:
     head = (
         "| method | T | "
         + " | ".join(h for _, _, h in METRICS)
-        + " | min(Rel, Gen, Loc) | s/edit | command |"
+        + " | min(Rel, Gen, Loc) | "
+        + " | ".join(COST_HEADERS)
+        + " | s/edit | command |"
     )
-    lines = [head, "|" + " --- |" * (len(METRICS) + 5)]
+    lines = [head, "|" + " --- |" * (len(METRICS) + 5 + len(COST_HEADERS))]
     for t, r in sorted(by_method.get("pre", {}).items()):
         vals = " | ".join(_cell(_value(r, g, k)) for g, k, _ in METRICS)
-        lines.append(f"| pre-edit model | {t} | {vals} | | | `{r.get('command', '')}` |")
+        lines.append(f"| pre-edit model | {t} | {vals} | | | | | `{r.get('command', '')}` |")
     for method in _methods(by_method):
         for t, r in sorted(by_method[method].items()):
             vals = [_value(r, g, k) for g, k, _ in METRICS]
@@ -82,8 +90,45 @@ def quality_table(by_method: dict[str, dict[int, dict]]) -> list[str]:
             lines.append(
                 f"| {method} | {t} | "
                 + " | ".join(_cell(v) for v in vals)
-                + f" | {_cell(low)} | {_cell(r.get('seconds_per_edit'), 2)} | `{r.get('command', '')}` |"
+                + f" | {_cell(low)} | "
+                + " | ".join(memory_cells(r))
+                + f" | {_cell(r.get('seconds_per_edit'), 2)} | `{r.get('command', '')}` |"
             )
+    return lines
+
+
+def near_miss_table(by_method: dict[str, dict[int, dict]]) -> list[str]:
+    """Markdown rows for the results that carry a ``mix`` block: the near-miss edits mixed into the stream,
+    measured on their own after the run's T edits (post-edit, routed fractions, pre-edit). Empty without any
+    (a milestone reached before the first mixed edit has none to show)."""
+    rows = [
+        (m, t, r["mix"])
+        for m in _methods(by_method)
+        for t, r in sorted(by_method[m].items())
+        if (r.get("mix") or {}).get("edits")
+    ]
+    if not rows:
+        return []
+    lines = [
+        "| method | T | mix | edits | "
+        + " | ".join(h for _, _, h in METRICS)
+        + " | routed: edit / rephrase / locality | pre-edit Rel / Gen / Loc |",
+        "|" + " --- |" * (len(METRICS) + 6),
+    ]
+    for method, t, mix in rows:
+        routed = mix.get("routed_fraction") or {}
+        pre = mix.get("pre") or {}
+        lines.append(
+            f"| {method} | {t} | {mix.get('name', '')} | {mix.get('edits', '')} | "
+            + " | ".join(_cell(_value(mix, g, k)) for g, k, _ in METRICS)
+            + " | "
+            + " / ".join(_cell(routed.get(k), 2) for k in ("edit", "rephrase", "locality"))
+            + " | "
+            + " / ".join(
+                _cell(_value(pre, "teacher_forced", k)) for k in ("reliability", "generalization", "locality")
+            )
+            + " |"
+        )
     return lines
 
 
@@ -91,8 +136,12 @@ def headline_table(quality: dict[str, dict[str, dict[int, dict]]]) -> list[str]:
     """Per dataset, every method at the largest T that all methods have reached, and at the largest T each has
     reached."""
     lines = [
-        "| dataset | T | method | " + " | ".join(h for _, _, h in METRICS) + " | s/edit |",
-        "|" + " --- |" * (len(METRICS) + 4),
+        "| dataset | T | method | "
+        + " | ".join(h for _, _, h in METRICS)
+        + " | "
+        + " | ".join(COST_HEADERS)
+        + " | s/edit |",
+        "|" + " --- |" * (len(METRICS) + 4 + len(COST_HEADERS)),
     ]
     for dataset in sorted(quality):
         by_method = quality[dataset]
@@ -107,8 +156,9 @@ def headline_table(quality: dict[str, dict[str, dict[int, dict]]]) -> list[str]:
             rows += [(m, by_method[m][t]) for m in methods if t in by_method[m]]
             for method, r in rows:
                 vals = " | ".join(_cell(_value(r, g, k)) for g, k, _ in METRICS)
+                cost = " | ".join(memory_cells(r)) if method != "pre-edit" else " | "
                 lines.append(
-                    f"| {dataset} | {t} | {method} | {vals} | {_cell(r.get('seconds_per_edit'), 2)} |"
+                    f"| {dataset} | {t} | {method} | {vals} | {cost} | {_cell(r.get('seconds_per_edit'), 2)} |"
                 )
     return lines
 
@@ -342,12 +392,29 @@ def render_report(results: str | Path, planned: dict[str, list[int]] | None = No
         "whether the greedy continuation contains the target. Each T is measured on the state after the "
         "first T edits of one sequential run, which equals an independent T-edit run (tested). s/edit is the "
         "wall-clock editing time per edit averaged over the run's first T edits, on 2 CPU cores shared with other "
-        "work (other engineers' test suites ran at the same time): read it as rough.",
+        "work (other engineers' test suites ran at the same time): read it as rough. B/edit and % of model are "
+        "what the edited layer holds to route and answer (side memories plus routing table or thresholds) per "
+        "edit it holds (mixed near-miss edits included) and as a share of the model's parameter bytes, from the "
+        "result's `memory` block; an en dash where the result has none (results written before it was recorded, "
+        "methods without a side memory).",
         "",
     ]
     for dataset in sorted(quality):
         png = plot_retention(dataset, quality[dataset], results / f"retention_{dataset}.png")
-        lines += [f"### {dataset}", "", *quality_table(quality[dataset]), "", f"![{dataset}]({png.name})", ""]
+        lines += [f"### {dataset}", "", *quality_table(quality[dataset]), ""]
+        near = near_miss_table(quality[dataset])
+        if near:
+            lines += [
+                "Near-miss edits mixed into the stream (`data/nearmiss_*.jsonl`: each one's locality prompt asks "
+                "the same relation about a neighbouring subject), measured on their own after the run's T edits; "
+                "the rows above leave them out:",
+                "",
+                *near,
+                "",
+            ]
+        lines += [f"![{dataset}]({png.name})", ""]
+    scale = _load(results / "scale.json")
+    lines += scale_section(scale, results, _machine_line(scale.get("machine")) if scale else "")
     lines += _merges_section(results)
     lines += _speed_section(results)
     path = results / "REPORT.md"

@@ -72,7 +72,8 @@ def test_report_quotes_each_benchmark_record_with_its_command(tmp_path):
         "| publish latency, one new memory (1.00 MiB) | 109 ms |",
     ):
         assert row in report
-    assert "Not measured" not in report and "not measured" not in report
+    speed = report[report.index("## Speed") :]  # scale.json, absent here, has its own section
+    assert "Not measured" not in speed and "not measured" not in speed
 
 
 def test_report_tabulates_each_merge_trace_with_its_command(tmp_path):
@@ -129,3 +130,121 @@ def test_report_says_what_is_not_measured(tmp_path):
     assert "Not measured yet: run `wisestream bench speed" in report
     assert "Edits/s per layout not measured yet" in report
     assert "**Not measured yet.** Serving tokens/s" in report
+
+
+def _quality(root, dataset, method, t, **extra):
+    path = root / "quality" / dataset / method / f"T{t}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "T": t,
+        "teacher_forced": {"reliability": 0.99, "generalization": 0.981, "locality": 1.0},
+        "generate": {"reliability": 0.9, "generalization": 0.8},
+        "seconds_per_edit": 4.5,
+        "command": f"wisestream bench quality --runs {method}/{dataset}",
+        **extra,
+    }
+    path.write_text(json.dumps(result))
+
+
+MEMORY = {
+    "memories": 3,
+    "routing": 872628,
+    "bytes": 11489460,
+    "percent_of_model": 2.1353490905639316,
+    "bytes_per_edit": 107378.1308411215,
+    "layout": "keyed",
+}
+MIX = {
+    "name": "nearmiss",
+    "edits": 7,
+    "pre": {
+        "teacher_forced": {"reliability": 0.1667, "generalization": 0.119, "locality": 1.0},
+        "generate": {"reliability": 0.0, "generalization": 0.0},
+    },
+    "teacher_forced": {"reliability": 1.0, "generalization": 0.6667, "locality": 0.75},
+    "generate": {"reliability": 1.0, "generalization": 0.4286},
+    "routed_fraction": {"edit": 1.0, "rephrase": 1.0, "locality": 0.25},
+}
+
+
+def test_quality_tables_put_the_memory_cost_beside_retention(tmp_path):
+    _quality(tmp_path, "zsre", "keyed", 100, memory=MEMORY, mix=MIX)
+    _quality(tmp_path, "zsre", "keyed", 1, memory=MEMORY, mix={"name": "nearmiss", "edits": 0, "pre": {}})
+    _quality(tmp_path, "zsre", "wise-retrieve", 100)  # an older result: no memory block, nothing inferred
+    report = render_report(tmp_path).read_text()
+    cmd = "`wisestream bench quality --runs keyed/zsre`"
+    # keyed first, its cost beside its retention: 107378 B/edit = 105 KiB, 2.14% of the model
+    assert (
+        f"| keyed | 100 | 0.990 | 0.981 | 1.000 | 0.900 | 0.800 | 0.981 | 105 KiB | 2.14 | 4.50 | {cmd} |"
+        in report
+    )
+    assert "| wise-retrieve | 100 | 0.990 | 0.981 | 1.000 | 0.900 | 0.800 | 0.981 | – | – | 4.50 |" in report
+    assert report.index("| keyed | 100 |") < report.index("| wise-retrieve | 100 |")
+    # the headline carries the same cost columns
+    assert "| zsre | 100 | keyed | 0.990 | 0.981 | 1.000 | 0.900 | 0.800 | 105 KiB | 2.14 | 4.50 |" in report
+    assert "| zsre | 100 | wise-retrieve | 0.990 | 0.981 | 1.000 | 0.900 | 0.800 | – | – | 4.50 |" in report
+    # the near-miss edits, measured on their own
+    assert (
+        "| keyed | 100 | nearmiss | 7 | 1.000 | 0.667 | 0.750 | 1.000 | 0.429 | 1.00 / 1.00 / 0.25 | "
+        "0.167 / 0.119 / 1.000 |"
+    ) in report
+    assert report.count("| nearmiss |") == 1  # only the result with a mix block
+
+
+def test_report_renders_cost_at_scale_from_scale_json(tmp_path):
+    def row(layout, t, nbytes, overhead, retention=None):
+        return {
+            "layout": layout,
+            "T": t,
+            "bytes": nbytes,
+            "percent_of_model": 100.0 * nbytes / 538_000_000,
+            "bytes_per_edit": nbytes / t,
+            "overhead": overhead,
+            "retention": retention,
+        }
+
+    timed = {
+        "prefill": 0.05,
+        "decode": 0.2,
+        "prefill_seconds": 0.105,
+        "decode_seconds": 0.012,
+        "prefill_main_seconds": 0.1,
+        "decode_main_seconds": 0.01,
+    }
+    retention = {"zsre": {"T": 998, "reliability": 0.964, "generalization": 0.79, "locality": 0.993}}
+    _save(
+        tmp_path / "scale.json",
+        ["bench", "scale", "--ts", "100,1000"],
+        {
+            "model_bytes": 538_000_000,
+            "prefill": {"sequences": 8, "tokens": 32},
+            "decode": {"sequences": 32},
+            "repeats": 5,
+            "threads": 1,
+            "rows": [
+                row("shards", 1000, 1_769_472_000, None, retention),
+                row("keyed", 1000, 5_107_616, timed),
+                row("keyed", 100, 4_405_648, timed),
+            ],
+        },
+    )
+    report = render_report(tmp_path).read_text()
+    assert "## Cost at scale" in report and "Command: `wisestream bench scale --ts 100,1000`." in report
+    assert (
+        "| keyed | 100 | 4.20 MiB | 0.819 | 43.0 KiB | 1.05x (105.0 / 100.0 ms) | 1.20x (12.0 / 10.0 ms) | – |"
+        in report
+    )
+    assert "| keyed | 1000 | 4.87 MiB | 0.949 | 4.99 KiB |" in report
+    assert (
+        "| shards | 1000 | 1.65 GiB | 329 | 1.69 MiB | not timed | not timed | zsre T998: 0.96 / 0.79 / 0.99 |"
+        in report
+    )
+    assert report.index("| keyed | 100 |") < report.index("| keyed | 1000 |") < report.index("| shards |")
+    assert "![cost vs edits](cost_vs_edits.png)" in report
+    assert (tmp_path / "cost_vs_edits.png").stat().st_size > 0
+
+
+def test_report_says_when_scale_is_not_measured(tmp_path):
+    report = render_report(tmp_path).read_text()
+    assert "## Cost at scale\n\n**Not measured yet.** Memory and routing overhead" in report
+    assert not (tmp_path / "cost_vs_edits.png").exists()
