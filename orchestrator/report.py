@@ -131,7 +131,8 @@ def memory_cost(tensors: dict[str, Any], meta: dict[str, Any], model_bytes: int)
     parts = snap.nbytes()
     total = sum(parts.values())
     return {
-        **parts,
+        "memory_bytes": parts["memories"],
+        "routing_bytes": parts["routing"],
         "bytes": total,
         "percent_of_model": 100.0 * total / model_bytes if model_bytes else None,
         "bytes_per_edit": total / snap.n_edits if snap.n_edits else None,

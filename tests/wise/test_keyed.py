@@ -217,6 +217,13 @@ def test_keyed_editor_learns_edits_routes_by_subject_and_round_trips(tiny_model,
     other.load_state_dict(tensors, meta)
     again = evaluate_records(other.model, other.routed, other.tokens, edits[:3], generate=False)
     assert again["per_edit"] == res["per_edit"]
+    # what the state costs: the routed blocks (merged block + active shard) and the routing table, per edit
+    from orchestrator.report import memory_cost
+
+    cost = memory_cost(tensors, meta, model_bytes=10**6)
+    assert cost["memory_bytes"] == 2 * block.numel() * block.element_size() and cost["routing_bytes"] > 0
+    assert cost["bytes"] == cost["memory_bytes"] + cost["routing_bytes"] and cost["memories"] == 2
+    assert cost["bytes_per_edit"] == cost["bytes"] / 3 and cost["percent_of_model"] == cost["bytes"] / 1e4
 
 
 def test_keyed_editor_retracts_and_supersedes(tiny_model, tiny_tokenizer, edits, pool):
