@@ -210,6 +210,32 @@ def _throughput(urls: list[str], prompts: list[str], max_tokens: int) -> tuple[d
     return stats, [text for _, text in done]
 
 
+def _compare(pool: ServingPool, prompts: list[str], max_tokens: int, rounds: int) -> tuple[dict, list, list]:
+    """Serve ``prompts`` with routing on, then off, ``rounds`` times (alternating, so that load from other
+    processes falls on both sides alike): ({side: stats summed over the rounds}, completions on, off)."""
+    runs: dict[str, list[dict]] = {"routed": [], "main_only": []}
+    texts: dict[str, list[str]] = {}
+    try:
+        for _ in range(rounds):
+            for side, enabled in (("routed", True), ("main_only", False)):
+                pool.set_routing(enabled)
+                stats, texts[side] = _throughput(pool.urls, prompts, max_tokens)
+                runs[side].append(stats)
+    finally:
+        pool.set_routing(True)
+    out = {}
+    for side, stats in runs.items():
+        tokens, seconds = sum(s["completion_tokens"] for s in stats), sum(s["seconds"] for s in stats)
+        out[side] = {
+            "requests": sum(s["requests"] for s in stats),
+            "completion_tokens": tokens,
+            "seconds": seconds,
+            "tokens_per_second": tokens / seconds,
+            "per_round_tokens_per_second": [s["tokens_per_second"] for s in stats],
+        }
+    return out, texts["routed"], texts["main_only"]
+
+
 def serving_benchmark(
     source: str,
     replicas: int = 2,
@@ -218,6 +244,7 @@ def serving_benchmark(
     prompts: str | None = None,
     model: str | None = None,
     max_model_len: int = 1024,
+    rounds: int = 2,
 ) -> dict:
     """Run the serving benchmark on the state in ``source`` (see the module docstring).
 
@@ -229,6 +256,7 @@ def serving_benchmark(
         prompts: an edit file to draw request prompts from (default: the job's journal, else the state).
         model: the unedited model (default: the one the job recorded, else the embedded model).
         max_model_len: longest prompt + completion a replica accepts.
+        rounds: throughput measurements per side, alternating routing on and off.
 
     Returns:
         A JSON-able dict.
@@ -270,10 +298,7 @@ def serving_benchmark(
         if set(pool.versions().values()) != {pool.version}:
             raise ServeError(f"replicas serve {pool.versions()}, not version {pool.version}")
         _throughput(pool.urls, chosen[: min(4, requests)], 4)  # warm-up
-        routed, routed_text = _throughput(pool.urls, chosen, max_tokens)
-        pool.set_routing(False)
-        main_only, main_text = _throughput(pool.urls, chosen, max_tokens)
-        pool.set_routing(True)
+        throughput, routed_text, main_text = _compare(pool, chosen, max_tokens, rounds)
     finally:
         pool.stop()
         if started:
@@ -287,6 +312,7 @@ def serving_benchmark(
         "model": model,
         "layout": snapshot.layout,
         "replicas": replicas,
+        "rounds": rounds,
         "edits": snapshot.n_edits,
         "memories": len(snapshot.ids),
         "memory_mib": round(snapshot.deltas[0].numel() * snapshot.deltas.element_size() / 2**20, 2),
@@ -294,8 +320,10 @@ def serving_benchmark(
         "startup_seconds": startup,
         "publish": published,
         "requests": _request_summary(expected, changed, prompts or ("journal" if _journal(src) else "state")),
-        "throughput": {"routed": routed, "main_only": main_only},
-        "routing_tokens_per_second_ratio": routed["tokens_per_second"] / main_only["tokens_per_second"],
+        "throughput": throughput,
+        "routing_tokens_per_second_ratio": (
+            throughput["routed"]["tokens_per_second"] / throughput["main_only"]["tokens_per_second"]
+        ),
     }
     if keyed:
         result["routing_entries"] = int(snapshot.routing["columns"].shape[0])

@@ -230,6 +230,7 @@ def _bench_serving(args: argparse.Namespace) -> int:
         prompts=args.prompts,
         model=args.model,
         max_model_len=args.max_model_len,
+        rounds=args.rounds,
     )
     _save_result(args, result)
     sys.stdout.write(json.dumps(result) + "\n")
@@ -392,6 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the unedited model (default: the one the job recorded, else embedded:smollm2-135m-instruct)",
     )
     bserve.add_argument("--max-model-len", type=int, default=1024, help="longest prompt + completion served")
+    bserve.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="throughput measurements per side, routing on and off alternating",
+    )
     bserve.add_argument("--out", help="also write the result (with command and machine) to this JSON file")
     bserve.set_defaults(func=_bench_serving)
     model = sub.add_parser("model", help="materialise the embedded model checkpoint and print its path")

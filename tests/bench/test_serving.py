@@ -19,6 +19,7 @@ from bench.serving import (
     prompt_candidates,
     publish_plan,
     select_requests,
+    serving_benchmark,
     subject_matches,
 )
 from orchestrator.publish import ServeError, read_source
@@ -129,7 +130,9 @@ def test_bench_serving_cli_on_a_keyed_state(keyed_state, tmp_path):
     assert pub["after_merge"]["bytes"] - pub["table_only"]["bytes"] >= block
     assert pub["first"]["bytes"] > block
     for side in ("routed", "main_only"):
-        assert result["throughput"][side]["completion_tokens"] == 16
+        # two rounds (the default) of 4 requests x 4 tokens, routing on and off alternating
+        assert result["throughput"][side]["completion_tokens"] == 32
+        assert len(result["throughput"][side]["per_round_tokens_per_second"]) == 2
     assert result["routing_tokens_per_second_ratio"] > 0
     assert result["requests"]["expected_routed_fraction"] == 0.5
     # the replica routes: switching routing off changes some greedy completions
@@ -147,6 +150,8 @@ def test_bench_serving_refuses_a_keyed_state_with_one_edit(
     state = write_state(tmp_path / "state", *editor.state_dict())
     with pytest.raises(ServeError, match="holds 1 edit; the benchmark needs at least 2"):
         publish_plan(read_source(state))
+    with pytest.raises(ServeError, match="--replicas must be at least 1, not 0"):
+        serving_benchmark(str(state), replicas=0)
 
 
 def test_shards_plan_keeps_all_but_one_memory_then_the_new_one(tmp_path, tiny_tokenizer, vllm_tiny_model):
