@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from orchestrator.model_store import resolve_model_path
 from serving.pool import ReplicaSpec, ServingError, ServingPool
 from wise.config import WiseConfig
 from wise.memory import Memory
-from wise.publish import PublishError, ServingSnapshot, snapshot_of
+from wise.publish import PublishError, ServingSnapshot, snapshot_of, state_memories
 from wise.state import read_state
 
 logger = logging.getLogger(__name__)
@@ -167,12 +168,47 @@ class Publisher:
 # ---------------------------------------------------------------------------------------------- serve
 
 
-def load_source(path: str | Path) -> tuple[ServingSnapshot, str | None, WiseConfig]:
-    """The servable state in ``path``: a job's checkpoint directory (``checkpoint.json``), a job's output
-    directory (``state/``) or a state directory (``wise_state.json``).
+@dataclass(frozen=True)
+class Source:
+    """A servable state as read from disk: its memories in the router's order and what a snapshot needs.
 
-    Returns:
-        (snapshot, model name if recorded, WISE settings).
+    Attributes:
+        path: where it was read from (for messages).
+        memories: blocks / merged memories, pending shards (and a state's active shard).
+        config: the dumped WISE settings (``wise_state.json`` / the job's ``wise``).
+        module_path: the edited projection.
+        setup: what the editors shared (the keyed layout's relation ``center``).
+        model: the unedited model's name, when the job recorded it.
+    """
+
+    path: Path
+    memories: list[Memory]
+    config: dict
+    module_path: str
+    setup: dict
+    model: str | None
+
+    @property
+    def wise(self) -> WiseConfig:
+        return WiseConfig.model_validate(self.config)
+
+    def snapshot(self, memories: list[Memory] | None = None) -> ServingSnapshot:
+        """The snapshot of the source's memories (or of ``memories``, e.g. a subset of them).
+
+        Raises:
+            ServeError: no memory holds an edit.
+        """
+        try:
+            return snapshot_of(
+                self.config, self.module_path, self.memories if memories is None else memories, self.setup
+            )
+        except PublishError as err:
+            raise ServeError(f"{self.path}: {err} (no shard stored yet)") from err
+
+
+def read_source(path: str | Path) -> Source:
+    """Read the servable state in ``path``: a job's checkpoint directory (``checkpoint.json``), a job's output
+    directory (``state/``) or a state directory (``wise_state.json``).
 
     Raises:
         ServeError: nothing servable there.
@@ -189,28 +225,32 @@ def load_source(path: str | Path) -> tuple[ServingSnapshot, str | None, WiseConf
             mems = [read_memory_file(path / MEMORIES / n) for n in names]
         except CheckpointError as err:
             raise ServeError(str(err)) from err
-        module_path = _module_path(wise)
-        try:
-            snap = snapshot_of(job["wise"], module_path, mems, ckpt.get("setup") or {})
-        except PublishError as err:
-            raise ServeError(f"{path}: {err} (no shard stored yet)") from err
-        return snap, job.get("model"), wise
+        return Source(path, mems, job["wise"], _module_path(wise), ckpt.get("setup") or {}, job.get("model"))
     state_dir = path / "state" if (path / "state" / "wise_state.json").is_file() else path
     if not (state_dir / "wise_state.json").is_file():
         raise ServeError(
             f"{path} holds no checkpoint.json, state/ or wise_state.json: pass a job's checkpoint or output dir"
         )
     tensors, meta = read_state(state_dir)
-    wise = WiseConfig.model_validate(meta["config"])
     model = None
     for report in (path / "report.json", state_dir.parent / "report.json"):
         if report.is_file():
             model = json.loads(report.read_text()).get("config", {}).get("model", {}).get("name")
             break
-    try:
-        return ServingSnapshot.from_state(tensors, meta), model, wise
-    except PublishError as err:
-        raise ServeError(f"{state_dir}: {err}") from err
+    return Source(state_dir, state_memories(tensors, meta), meta["config"], meta["module_path"], meta, model)
+
+
+def load_source(path: str | Path) -> tuple[ServingSnapshot, str | None, WiseConfig]:
+    """The servable state in ``path`` (:func:`read_source`) as a snapshot.
+
+    Returns:
+        (snapshot, model name if recorded, WISE settings).
+
+    Raises:
+        ServeError: nothing servable there.
+    """
+    src = read_source(path)
+    return src.snapshot(), src.model, src.wise
 
 
 def _module_path(wise: WiseConfig) -> str:

@@ -96,6 +96,28 @@ def tiny_model(tiny_tokenizer):
 
 
 @pytest.fixture
+def vllm_tiny_model(tiny_tokenizer):
+    """A fresh 2-layer Llama (hidden 64) with random weights whose head size (32) vLLM's CPU attention supports:
+    what a real serving replica can load in seconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tiny_tokenizer),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=256,
+            pad_token_id=tiny_tokenizer.pad_token_id,
+            eos_token_id=tiny_tokenizer.eos_token_id,
+        )
+    )
+
+
+@pytest.fixture
 def model_dir(tmp_path, tiny_model, tiny_tokenizer):
     d = tmp_path / "tiny"
     tiny_model.save_pretrained(d)

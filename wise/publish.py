@@ -122,10 +122,7 @@ class ServingSnapshot:
     def from_state(cls, tensors: dict[str, torch.Tensor], meta: dict) -> ServingSnapshot:
         """The memories a router chooses among in a state written by :func:`wise.state.compose_state`:
         merged, pending, then the active shard if it holds edits."""
-        mems = [Memory.from_state(tensors, f"merged.{i}", m) for i, m in enumerate(meta["merged"])]
-        mems += [Memory.from_state(tensors, f"pending.{i}", m) for i, m in enumerate(meta["pending"])]
-        mems.append(Memory.from_state(tensors, "active", meta["active"]))
-        return snapshot_of(meta["config"], meta["module_path"], mems, meta)
+        return snapshot_of(meta["config"], meta["module_path"], state_memories(tensors, meta), meta)
 
     def nbytes(self) -> dict[str, int]:
         """What the edited layer holds to route and answer, in bytes: ``memories`` (the task vectors) and
@@ -136,6 +133,15 @@ class ServingSnapshot:
             else self.thresholds.numel() * 4
         )
         return {"memories": self.deltas.numel() * self.deltas.element_size(), "routing": routing}
+
+
+def state_memories(tensors: dict[str, torch.Tensor], meta: dict) -> list[Memory]:
+    """The memories of a state written by :func:`wise.state.compose_state` in the router's order: merged,
+    pending, then the active shard (a snapshot leaves it out while it holds no edit)."""
+    mems = [Memory.from_state(tensors, f"merged.{i}", m) for i, m in enumerate(meta["merged"])]
+    mems += [Memory.from_state(tensors, f"pending.{i}", m) for i, m in enumerate(meta["pending"])]
+    mems.append(Memory.from_state(tensors, "active", meta["active"]))
+    return mems
 
 
 def snapshot_of(config: dict, module_path: str, memories: list[Memory], setup: dict) -> ServingSnapshot:
@@ -392,4 +398,5 @@ __all__ = [
     "memory_id",
     "route_flat",
     "snapshot_of",
+    "state_memories",
 ]

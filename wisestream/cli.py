@@ -223,7 +223,14 @@ def _bench_serving(args: argparse.Namespace) -> int:
     from bench.serving import serving_benchmark
 
     result = serving_benchmark(
-        args.checkpoint, replicas=args.replicas, requests=args.requests, max_tokens=args.max_tokens
+        args.checkpoint,
+        replicas=args.replicas,
+        requests=args.requests,
+        max_tokens=args.max_tokens,
+        prompts=args.prompts,
+        model=args.model,
+        max_model_len=args.max_model_len,
+        rounds=args.rounds,
     )
     _save_result(args, result)
     sys.stdout.write(json.dumps(result) + "\n")
@@ -376,6 +383,22 @@ def build_parser() -> argparse.ArgumentParser:
     bserve.add_argument("--replicas", type=int, default=2)
     bserve.add_argument("--requests", type=int, default=32, help="completions per measurement")
     bserve.add_argument("--max-tokens", type=int, default=32)
+    bserve.add_argument(
+        "--prompts",
+        help="edit file (JSON/JSONL, any stream layout) for request prompts: its prompts and locality prompts "
+        "(default: the job's journal, else the state's edit prompts)",
+    )
+    bserve.add_argument(
+        "--model",
+        help="the unedited model (default: the one the job recorded, else embedded:smollm2-135m-instruct)",
+    )
+    bserve.add_argument("--max-model-len", type=int, default=1024, help="longest prompt + completion served")
+    bserve.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="throughput measurements per side, routing on and off alternating",
+    )
     bserve.add_argument("--out", help="also write the result (with command and machine) to this JSON file")
     bserve.set_defaults(func=_bench_serving)
     model = sub.add_parser("model", help="materialise the embedded model checkpoint and print its path")

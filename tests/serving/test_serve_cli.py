@@ -16,7 +16,6 @@ import time
 import urllib.request
 
 import pytest
-import torch
 from helpers import free_port, wait_for
 
 from streams import EditRecord
@@ -31,25 +30,10 @@ def _get(url: str) -> dict:
 
 
 @pytest.fixture
-def tiny_state(tmp_path, tiny_tokenizer):
-    """A WISE state with two side memories (one edit each) on a tiny random Llama whose head size (32) vLLM's
-    CPU attention supports, saved next to the model."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    tiny_model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tiny_tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=256,
-            pad_token_id=tiny_tokenizer.pad_token_id,
-            eos_token_id=tiny_tokenizer.eos_token_id,
-        )
-    )
+def tiny_state(tmp_path, tiny_tokenizer, vllm_tiny_model):
+    """A WISE state with two side memories (one edit each) on a tiny random Llama vLLM can serve, saved next to
+    the model."""
+    tiny_model = vllm_tiny_model
     model_dir = tmp_path / "model"
     tiny_model.save_pretrained(model_dir)
     tiny_tokenizer.save_pretrained(model_dir)
