@@ -273,11 +273,16 @@ def _speed_section(results: Path) -> list[str]:
             "",
         ]
     lines += ["## Serving", ""]
-    record = _load(results / "serving.json")
-    if record:
+    # serving.json, then the other serving_*.json results (e.g. a keyed state at T = 1,000), one block each
+    records = [
+        (f.stem, _load(f)) for f in sorted(results.glob("serving*.json"), key=lambda f: f.stem != "serving")
+    ]
+    for stem, record in records:
         serving = record["result"]
         lines += [
-            f"vLLM serving pool: {serving.get('replicas')} replicas of {serving.get('model')}, serving the state "
+            f"### {stem}",
+            "",
+            f"vLLM serving pool ({serving.get('layout', 'shards')} layout): {serving.get('replicas')} replicas of {serving.get('model')}, serving the state "
             f"of `{serving.get('source')}` ({serving.get('memories')} side memories, {serving.get('edits')} "
             f"edits). Command: `{record['command']}`.",
             "",
@@ -299,7 +304,7 @@ def _speed_section(results: Path) -> list[str]:
                 f"{row.get('seconds', float('nan')) * 1000:.0f} ms |"
             )
         lines += ["", f"Machine: {_machine_line(record.get('machine'))}.", ""]
-    else:
+    if not records:
         lines += [
             "**Not measured yet.** Serving tokens/s with and without routing and the publish latency come from "
             "`wisestream bench serving`, which writes `serving.json` here; no number is given until it exists.",
