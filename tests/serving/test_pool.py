@@ -74,7 +74,9 @@ def wise_run(tmp_path_factory, ray_local):
 
         def recorded(snapshot, version=None):
             result = publish(snapshot, version)
-            published.append({"version": result["version"], "merges": job.book.merges, "edits": snapshot.n_edits})
+            published.append(
+                {"version": result["version"], "merges": job.book.merges, "edits": snapshot.n_edits}
+            )
             return result
 
         with pytest.MonkeyPatch.context() as patch:
