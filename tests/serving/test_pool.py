@@ -89,15 +89,18 @@ def wise_run(tmp_path_factory, ray_local):
 
 
 def test_job_publishes_after_every_merge(wise_run):
-    """Two merges (at 50 and 100 edits), each stored by its own checkpoint: every merge is published as a
-    version of its own, right after it, and the last holds all 100 edits in one block."""
+    """The first stored shard (25 edits) is published as soon as it is stored, then each of the two merges (at 50
+    and 100 edits, each stored by its own checkpoint) as a version of its own, right after it; the last holds all
+    100 edits in one block."""
     _, report, _, published = wise_run
     serving = report["serving"]
     assert serving["failures"] == 0
-    assert [(p["version"], p["merges"], p["edits"]) for p in published] == [(1, 1, 50), (2, 2, 100)], (
-        published
-    )
-    assert serving["version"] == 2
+    assert [(p["version"], p["merges"], p["edits"]) for p in published] == [
+        (1, 0, 25),
+        (2, 1, 50),
+        (3, 2, 100),
+    ], published
+    assert serving["version"] == 3
     assert serving["last"]["edits"] == 100 and serving["last"]["memories"] == 1
     assert serving["urls"] and serving["urls"][0].startswith("http://127.0.0.1:")
 
