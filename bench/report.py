@@ -11,6 +11,8 @@ Inputs under the results directory:
   run); the section is left out when there is none.
 - ``scale.json``: ``wisestream bench scale --out ...`` (memory and routing overhead against T per layout; see
   :mod:`bench.report_cost`); without it the section says it has not been measured.
+- ``engines.json`` and ``profile.json``: ``wisestream bench engines --out ...`` and ``wisestream bench profile
+  --out ...`` (seconds per edit by editor and by stage, the job against its engine; :mod:`bench.report_speed`).
 
 Every retention number stands beside its cost: the quality tables carry bytes per edit and memory as a share of
 the model from each result's ``memory`` block (an en dash where a result has none).
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.report_cost import COST_HEADERS, memory_cells, scale_section
+from bench.report_speed import edit_speed_section
 from orchestrator.report import format_number
 
 logger = logging.getLogger(__name__)
@@ -226,7 +229,7 @@ def _status(quality: dict, planned: dict[str, list[int]] | None) -> list[str]:
 
 
 def _speed_section(results: Path) -> list[str]:
-    lines = ["## Speed", ""]
+    lines = ["## Engine speed at equal settings, and parallel shards", ""]
     speed = _load(results / "speed.json")
     if speed:
         r = speed["result"]
@@ -421,6 +424,7 @@ def render_report(results: str | Path, planned: dict[str, list[int]] | None = No
     scale = _load(results / "scale.json")
     lines += scale_section(scale, results, _machine_line(scale.get("machine")) if scale else "")
     lines += _merges_section(results)
+    lines += edit_speed_section(results, _machine_line)
     lines += _speed_section(results)
     path = results / "REPORT.md"
     path.write_text("\n".join(lines) + "\n")

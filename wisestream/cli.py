@@ -70,6 +70,25 @@ def _bench_engines(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_profile(args: argparse.Namespace) -> int:
+    from bench.profile import profile_benchmark
+
+    cfg = load_config(args.config, list(args.set or []))
+    result = profile_benchmark(cfg, n_edits=args.edits, job=not args.engine_only)
+    _save_result(args, result)
+    eng = result["engine"]
+    print(f"engine: {1 / eng['edits_per_second']:.2f} s/edit, {eng['steps_per_edit']:.1f} steps/edit")
+    for stage, sec in eng["stages"].items():
+        print(f"  {stage:>16}: {sec:.3f} s/edit")
+    for name, job in result.get("jobs", {}).items():
+        print(
+            f"job ({name}): {1 / job['edits_per_second']:.2f} s/edit, "
+            f"{job['ratio_to_engine']:.2f}x the engine's edits/s"
+        )
+    sys.stdout.write(json.dumps(result) + "\n")
+    return 0
+
+
 def _save_result(args: argparse.Namespace, result: dict) -> None:
     """Write a benchmark result with the command and machine, for the report (``--out``)."""
     if args.out:
@@ -278,6 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
     engines.add_argument("--set", action="append", metavar="KEY=VALUE", help="override of --config")
     engines.add_argument("--out", help="also write the result (with command and machine) to this JSON file")
     engines.set_defaults(func=_bench_engines)
+    prof = bench_sub.add_parser(
+        "profile", help="seconds per edit by stage, and the whole job's edits/s against the engine's"
+    )
+    prof.add_argument("--edits", type=int, default=40, help="edits applied by each side (default 40)")
+    prof.add_argument("--config", type=Path, default=Path("configs/default.yaml"))
+    prof.add_argument("--set", action="append", metavar="KEY=VALUE", help="override of --config")
+    prof.add_argument("--engine-only", action="store_true", help="the stage profile only, no job")
+    prof.add_argument("--out", help="also write the result (with command and machine) to this JSON file")
+    prof.set_defaults(func=_bench_profile)
     quality = bench_sub.add_parser(
         "quality",
         help="retention vs T for WISE and baselines on ZsRE/CounterFact (resumable), then the report",

@@ -72,7 +72,9 @@ def test_report_quotes_each_benchmark_record_with_its_command(tmp_path):
         "| publish latency, one new memory (1.00 MiB) | 109 ms |",
     ):
         assert row in report
-    speed = report[report.index("## Speed") :]  # scale.json, absent here, has its own section
+    speed = report[
+        report.index("## Engine speed at equal settings") :
+    ]  # scale.json, absent here, has its own section
     assert "Not measured" not in speed and "not measured" not in speed
 
 
@@ -121,7 +123,7 @@ def test_report_tabulates_each_merge_trace_with_its_command(tmp_path):
     )
     report = render_report(tmp_path).read_text()
     assert "| 4 | 0.0 / 0.0 | 17.0 / 35.0 | 40.7 | 35.5 | 46.7 | 41.1 | 0.00 | 6.2 / 34.1 / 0.00 |" in report
-    assert report.index("## WISE-Merge") < report.index("## Speed")
+    assert report.index("## WISE-Merge") < report.index("## Edit speed")
 
 
 def test_report_says_what_is_not_measured(tmp_path):
@@ -248,3 +250,25 @@ def test_report_says_when_scale_is_not_measured(tmp_path):
     report = render_report(tmp_path).read_text()
     assert "## Cost at scale\n\n**Not measured yet.** Memory and routing overhead" in report
     assert not (tmp_path / "cost_vs_edits.png").exists()
+
+
+def test_report_renders_the_stage_profile_and_the_job_against_its_engine(tmp_path):
+    stages = {"frozen_prefix": 0.5, "upper_forward": 1.2, "backward": 1.1, "other": 0.2, "checkpoint": 0.01}
+    _save(
+        tmp_path / "profile.json",
+        ["bench", "profile", "--edits", "40"],
+        {
+            "edits": 40,
+            "threads": 2,
+            "config": {"shards_per_editor": 4},
+            "engine": {"edits_per_second": 1 / 3.0, "steps_per_edit": 10.2, "stages": stages},
+            "jobs": {"eval_off": {"edits_per_second": 0.3, "ratio_to_engine": 0.9, "evaluations": 0}},
+        },
+    )
+    report = render_report(tmp_path).read_text()
+    assert "| frozen prefix (layers below the edit, once per edit) | 0.500 | 16.7% |" in report
+    assert "| checkpoint write (job only) | 0.010 |  |" in report  # outside the engine's total
+    assert "| **engine total** | **3.000** | 100% |" in report
+    assert "| eval off | 3.33 | 0.300 | 0.90 | 0 |" in report
+    assert "Command: `wisestream bench profile --edits 40`" in report
+    assert "Editors compared not measured yet" in report
