@@ -53,6 +53,14 @@ from wise.state import compose_state, write_state
 
 logger = logging.getLogger(__name__)
 
+# Each speed lever of the default editor switched off on its own (config overrides; ``threads`` sets torch's
+# thread count): ``bench profile --levers`` times the engine under each, on the same edits.
+LEVERS: dict[str, dict[str, Any]] = {
+    "early stop off (every edit runs keyed.n_iter steps)": {"set": ["wise.keyed.early_stop_loss=0"]},
+    "one shard per call (no lock-step batch of a merge group)": {"set": ["runtime.shards_per_editor=1"]},
+    "one torch thread": {"threads": 1},
+}
+
 ENGINE_STAGES = (
     "tokenise",
     "frozen_prefix",
@@ -225,9 +233,46 @@ def job_rate(cfg: JobConfig, records: list, out_dir: Path) -> dict[str, Any]:
     }
 
 
-def profile_benchmark(cfg: JobConfig, n_edits: int = 20, job: bool = True) -> dict[str, Any]:
-    """The engine's stage profile and, with ``job``, the job's edits/s with and without continuous evaluation,
-    on the first ``n_edits`` edits of the config's stream (module docstring)."""
+def lever_variants(cfg: JobConfig) -> dict[str, tuple[JobConfig, int]]:
+    """Per lever of :data:`LEVERS`: the config with that lever off, and the torch threads to run it with."""
+    from orchestrator.config import build_config
+
+    base = cfg.model_dump(mode="json")
+    out = {}
+    for name, lever in LEVERS.items():
+        out[name] = (
+            build_config(base, lever.get("set", [])),
+            lever.get("threads", torch.get_num_threads()),
+        )
+    return out
+
+
+def lever_gains(cfg: JobConfig, records: list, model, tokenizer, default: dict[str, Any]) -> dict[str, Any]:
+    """Engine seconds per edit with each lever off, and its gain: that time over the default's."""
+    out = {}
+    threads = torch.get_num_threads()
+    for name, (variant, n_threads) in lever_variants(cfg).items():
+        logger.info("bench profile: lever off: %s", name)
+        torch.set_num_threads(n_threads)
+        try:
+            res = engine_profile(variant, records, copy.deepcopy(model), tokenizer)
+        finally:
+            torch.set_num_threads(threads)
+        out[name] = {
+            "seconds_per_edit": 1 / res["edits_per_second"],
+            "steps_per_edit": res["steps_per_edit"],
+            "threads": n_threads,
+            "gain": default["edits_per_second"] / res["edits_per_second"],
+        }
+    return out
+
+
+def profile_benchmark(
+    cfg: JobConfig, n_edits: int = 20, job: bool = True, levers: bool = False
+) -> dict[str, Any]:
+    """The engine's stage profile; with ``levers``, its time with each lever off; with ``job``, the job's
+    edits/s with and without continuous evaluation; all on the first ``n_edits`` edits of the config's stream
+    (module docstring)."""
     records = stream_records(cfg, n_edits)
     model, tokenizer = load_model(cfg)
     out: dict[str, Any] = {
@@ -244,6 +289,8 @@ def profile_benchmark(cfg: JobConfig, n_edits: int = 20, job: bool = True) -> di
     }
     logger.info("bench profile: engine, %d edits", len(records))
     out["engine"] = engine_profile(cfg, records, copy.deepcopy(model), tokenizer)
+    if levers:
+        out["levers"] = lever_gains(cfg, records, model, tokenizer, out["engine"])
     del model
     if not job:
         return out
@@ -261,4 +308,4 @@ def profile_benchmark(cfg: JobConfig, n_edits: int = 20, job: bool = True) -> di
     return out
 
 
-__all__ = ["ENGINE_STAGES", "StageClock", "engine_profile", "job_rate", "profile_benchmark"]
+__all__ = ["ENGINE_STAGES", "LEVERS", "StageClock", "engine_profile", "job_rate", "profile_benchmark"]

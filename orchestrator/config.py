@@ -7,6 +7,7 @@ Unknown keys and bad values fail at load time with the key path in the message, 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -304,7 +305,7 @@ def build_config(data: Mapping[str, Any] | None = None, overrides: Sequence[str]
     Raises:
         ConfigError: unknown keys or bad values, named by key path.
     """
-    tree: dict[str, Any] = dict(data or {})
+    tree: dict[str, Any] = copy.deepcopy(dict(data or {}))  # overrides never reach the caller's mapping
     for key, value in parse_overrides(overrides):
         set_path(tree, key, value)
     try:

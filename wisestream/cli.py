@@ -74,12 +74,14 @@ def _bench_profile(args: argparse.Namespace) -> int:
     from bench.profile import profile_benchmark
 
     cfg = load_config(args.config, list(args.set or []))
-    result = profile_benchmark(cfg, n_edits=args.edits, job=not args.engine_only)
+    result = profile_benchmark(cfg, n_edits=args.edits, job=not args.engine_only, levers=args.levers)
     _save_result(args, result)
     eng = result["engine"]
     print(f"engine: {1 / eng['edits_per_second']:.2f} s/edit, {eng['steps_per_edit']:.1f} steps/edit")
     for stage, sec in eng["stages"].items():
         print(f"  {stage:>16}: {sec:.3f} s/edit")
+    for name, lever in result.get("levers", {}).items():
+        print(f"{name}: {lever['seconds_per_edit']:.2f} s/edit, the lever gains {lever['gain']:.2f}x")
     for name, job in result.get("jobs", {}).items():
         print(
             f"job ({name}): {1 / job['edits_per_second']:.2f} s/edit, "
@@ -304,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--config", type=Path, default=Path("configs/default.yaml"))
     prof.add_argument("--set", action="append", metavar="KEY=VALUE", help="override of --config")
     prof.add_argument("--engine-only", action="store_true", help="the stage profile only, no job")
+    prof.add_argument(
+        "--levers", action="store_true", help="also time the engine with each speed lever off, one at a time"
+    )
     prof.add_argument("--out", help="also write the result (with command and machine) to this JSON file")
     prof.set_defaults(func=_bench_profile)
     quality = bench_sub.add_parser(

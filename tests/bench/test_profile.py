@@ -7,7 +7,14 @@ import json
 
 import pytest
 
-from bench.profile import ENGINE_STAGES, StageClock, engine_profile, stream_records
+from bench.profile import (
+    ENGINE_STAGES,
+    LEVERS,
+    StageClock,
+    engine_profile,
+    lever_variants,
+    stream_records,
+)
 from orchestrator.config import load_config
 
 
@@ -47,7 +54,17 @@ def test_profile_command_runs_the_job_beside_the_engine(job_files, ray_local, tm
     from wisestream.cli import main
 
     out = tmp_path / "profile.json"
-    argv = ["bench", "profile", "--edits", "8", "--config", str(job_files), "--set", "eval.every=4"]
+    argv = [
+        "bench",
+        "profile",
+        "--edits",
+        "8",
+        "--config",
+        str(job_files),
+        "--set",
+        "eval.every=4",
+        "--levers",
+    ]
     assert main([*argv, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     res = json.loads(out.read_text())["result"]
@@ -61,3 +78,25 @@ def test_profile_command_runs_the_job_beside_the_engine(job_files, ray_local, tm
             job["edits_per_second"] / res["engine"]["edits_per_second"]
         )
     assert "job (eval_off)" in printed and "frozen_prefix" in printed
+    levers = res["levers"]
+    assert set(levers) == set(LEVERS)
+    engine = res["engine"]
+    for lever in levers.values():
+        assert lever["gain"] == pytest.approx(lever["seconds_per_edit"] * engine["edits_per_second"])
+    assert levers["one torch thread"]["threads"] == 1
+
+
+def test_each_lever_variant_changes_only_its_own_setting(job_files):
+    cfg = load_config(job_files, ["wise.keyed.early_stop_loss=0.5", "runtime.shards_per_editor=3"])
+    variants = lever_variants(cfg)
+
+    def dump(c):
+        return c.model_dump(mode="json")
+
+    early, _ = variants["early stop off (every edit runs keyed.n_iter steps)"]
+    assert early.wise.keyed.early_stop_loss == 0 and early.runtime.shards_per_editor == 3
+    assert dump(early.wise) == {**dump(cfg.wise), "keyed": {**dump(cfg.wise.keyed), "early_stop_loss": 0.0}}
+    one, _ = variants["one shard per call (no lock-step batch of a merge group)"]
+    assert one.runtime.shards_per_editor == 1 and dump(one.wise) == dump(cfg.wise)
+    same, threads = variants["one torch thread"]
+    assert dump(same) == dump(cfg) and threads == 1

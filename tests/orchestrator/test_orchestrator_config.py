@@ -34,6 +34,14 @@ def test_overrides_are_typed_and_nested():
     assert shards.wise.layout == "shards" and shards.wise.margins.alpha == 3
 
 
+def test_overrides_leave_the_callers_mapping_alone():
+    data = {"wise": {"keyed": {"columns": 16}}}
+    first = build_config(data, ["wise.keyed.early_stop_loss=0"])
+    second = build_config(data)
+    assert data == {"wise": {"keyed": {"columns": 16}}}
+    assert first.wise.keyed.early_stop_loss == 0 and second.wise.keyed.early_stop_loss == 0.02
+
+
 def test_a_key_of_the_other_layout_is_an_error_naming_it():
     with pytest.raises(ConfigError, match=r"wise: margins: only for layout 'shards'"):
         build_config({}, ["wise.margins.alpha=3"])
