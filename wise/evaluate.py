@@ -141,6 +141,62 @@ def greedy_generate(
     return tokens.tokenizer.decode(ids[len(prompt_ids) :], skip_special_tokens=True)
 
 
+@torch.no_grad()
+def greedy_generate_batch(
+    model: nn.Module,
+    routed: RoutedLinear,
+    tokens: Tokens,
+    prompts: Sequence[str],
+    max_new_tokens: Sequence[int],
+    *,
+    main_only: bool = False,
+) -> list[str]:
+    """:func:`greedy_generate` of several prompts at once (a router that holds its route, or the main memory
+    alone): the prompts are left-padded into one prefill, each routed on its own prompt tokens, and decoded
+    together with a KV cache; prompt ``i`` gets at most ``max_new_tokens[i]`` tokens and stops at EOS."""
+    if len(prompts) != len(max_new_tokens):
+        raise ValueError(f"{len(prompts)} prompts but {len(max_new_tokens)} token budgets")
+    if not prompts:
+        return []
+    device = routed.weight.device
+    eos = tokens.tokenizer.eos_token_id
+    ids = [list(tokens.prompt(p)) for p in prompts]
+    b, width = len(ids), max(len(x) for x in ids)
+    inp = torch.full((b, width), tokens.pad_id, dtype=torch.long)
+    mask = torch.zeros((b, width), dtype=torch.long)
+    for r, x in enumerate(ids):
+        inp[r, width - len(x) :] = torch.tensor(x)
+        mask[r, width - len(x) :] = 1
+    span = mask.bool().to(device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    new: list[list[int]] = [[] for _ in prompts]
+    live = [n > 0 for n in max_new_tokens]
+    past = None
+    with routed.main_only() if main_only else routed.hold_route():
+        while any(live):
+            with routed.query_span(span if past is None else None):
+                out = model(
+                    input_ids=inp.to(device),
+                    attention_mask=mask.to(device),
+                    position_ids=pos.to(device),
+                    past_key_values=past,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+            nxt = out.logits[:, -1].argmax(-1).cpu()
+            for r in range(b):
+                if live[r]:
+                    if int(nxt[r]) == eos:
+                        live[r] = False
+                    else:
+                        new[r].append(int(nxt[r]))
+                        live[r] = len(new[r]) < max_new_tokens[r]
+            past, inp = out.past_key_values, nxt.unsqueeze(1)
+            mask = torch.cat([mask, torch.ones((b, 1), dtype=torch.long)], 1)
+            pos = pos[:, -1:] + 1
+    return [tokens.tokenizer.decode(x, skip_special_tokens=True) for x in new]
+
+
 def generation_hits(
     model: nn.Module,
     routed: RoutedLinear,
@@ -149,14 +205,24 @@ def generation_hits(
     *,
     main_only: bool = False,
     extra_tokens: int = 4,
+    batch_size: int = 16,
 ) -> list[float]:
-    """Per pair: 1.0 if the greedy continuation of the prompt contains the target (case-insensitive)."""
-    hits = []
-    for prompt, target in pairs:
-        budget = len(tokens.answer(target)) + extra_tokens
-        text = greedy_generate(model, routed, tokens, prompt, budget, main_only=main_only)
-        hits.append(float(target.strip().lower() in text.lower()))
-    return hits
+    """Per pair: 1.0 if the greedy continuation of the prompt contains the target (case-insensitive). Prompts
+    are generated ``batch_size`` at a time when the router holds its route (or for the main memory alone)."""
+    budgets = [len(tokens.answer(target)) + extra_tokens for _, target in pairs]
+    if main_only or getattr(routed, "hold_route", None) is not None:
+        texts: list[str] = []
+        for i in range(0, len(pairs), batch_size):
+            chunk = [p for p, _ in pairs[i : i + batch_size]]
+            texts += greedy_generate_batch(
+                model, routed, tokens, chunk, budgets[i : i + batch_size], main_only=main_only
+            )
+    else:
+        texts = [
+            greedy_generate(model, routed, tokens, p, n, main_only=main_only)
+            for (p, _), n in zip(pairs, budgets, strict=True)
+        ]
+    return [float(t.strip().lower() in text.lower()) for (_, t), text in zip(pairs, texts, strict=True)]
 
 
 def _quantiles(x: torch.Tensor) -> dict[str, float] | None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from wise.config import WiseConfig
-from wise.evaluate import evaluate_records, greedy_generate
+from wise.evaluate import evaluate_records, greedy_generate, greedy_generate_batch
 from wise.keyed.bank import KeyedBank
 from wise.keyed.editor import KeyedEditor, live_memories
 from wise.keyed.table import SubjectTable, ngram_hashes, residual, route, run_lengths, variant_hash
@@ -338,6 +338,25 @@ def test_held_generation_keeps_the_prompt_route(tiny_model, tiny_tokenizer, edit
     budget = len(ed.tokens.answer(edits[0].target)) + 1
     text = greedy_generate(ed.model, ed.routed, ed.tokens, edits[0].prompt, budget)
     assert edits[0].target in text
+
+
+def test_batched_generation_equals_one_prompt_at_a_time(tiny_model, tiny_tokenizer, edits, pool):
+    # left-padded prompts of different lengths, each routed on its own tokens at the prefill and held: the same
+    # continuations (and routes) as generating each prompt alone
+    ed = KeyedEditor(tiny_model, tiny_tokenizer, _cfg(), irrelevant=pool)
+    ed.apply(edits[:4])
+    prompts = [e.prompt for e in edits[:4]] + [p for p, _ in pool[:4]] + ["Hi", edits[0].prompt + " and then"]
+    budgets = [1 + i % 5 for i in range(len(prompts))]
+    alone = [greedy_generate(ed.model, ed.routed, ed.tokens, p, n) for p, n in zip(prompts, budgets)]
+    together = greedy_generate_batch(ed.model, ed.routed, ed.tokens, prompts, budgets)
+    assert together == alone
+    assert sum(c >= 0 for c in routed_choices(ed, prompts)) >= 4  # the edits' prompts were routed
+    main = [greedy_generate(ed.model, ed.routed, ed.tokens, p, 5, main_only=True) for p in prompts]
+    assert (
+        greedy_generate_batch(ed.model, ed.routed, ed.tokens, prompts, [5] * len(prompts), main_only=True)
+        == main
+    )
+    assert main != alone  # the routed side memories change what is generated
 
 
 @pytest.mark.parametrize("bad", ["layout", "table"])

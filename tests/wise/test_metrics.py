@@ -78,6 +78,11 @@ def test_cached_greedy_generation_with_held_route_equals_full_recompute(
         differs += got != main
     assert min(routes) == -1 and max(routes) >= 0  # both kinds of route were exercised
     assert differs  # and the side memories change what is generated
+    # batched (left-padded, routed per row at the prefill, held): the same continuations
+    from wise.evaluate import greedy_generate_batch
+
+    alone = [greedy_generate(tiny_model, routed, tokens, p, 6) for p in prompts]
+    assert greedy_generate_batch(tiny_model, routed, tokens, prompts, [6] * len(prompts)) == alone
 
 
 def test_evaluation_logs_each_pass_at_info_only_when_asked(tiny_model, tiny_tokenizer, edits, caplog):
