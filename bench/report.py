@@ -228,6 +228,22 @@ def _status(quality: dict, planned: dict[str, list[int]] | None) -> list[str]:
     return lines
 
 
+def _diff(x: float | None) -> str:
+    return "–" if x is None else f"{x:.1e}"
+
+
+def _speed_metrics(r: dict) -> str:
+    """Rel / gen / loc of the engine's state, and whether they are all 0 or 1 (then equality says little)."""
+    tf = (r.get("metrics_engine") or {}).get("teacher_forced")
+    if not tf:
+        return "–"
+    text = " / ".join(_cell(tf.get(k)) for k in ("reliability", "generalization", "locality"))
+    saturated = r.get("metrics_saturated")
+    if saturated is None:
+        saturated = all(v in (0.0, 1.0) for v in tf.values() if v is not None)
+    return text + (" (all 0 or 1)" if saturated else "")
+
+
 def _speed_section(results: Path) -> list[str]:
     lines = ["## Engine speed at equal settings, and parallel shards", ""]
     speed = _load(results / "speed.json")
@@ -238,10 +254,12 @@ def _speed_section(results: Path) -> list[str]:
             f"pass at each of the {r.get('n_iter')} iterations (same model, {r.get('edits')} edits, same "
             "hyper-parameters; one run):",
             "",
-            "| engine s/edit | naive s/edit | ratio | retention metrics equal | command |",
-            "| --- | --- | --- | --- | --- |",
+            "| engine s/edit | naive s/edit | ratio | retention metrics equal | metrics (engine) | largest "
+            "state difference | command |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
             f"| {_cell(r['seconds_per_edit_engine'], 2)} | {_cell(r['seconds_per_edit_naive'], 2)} | "
-            f"**{_cell(r['ratio'], 2)}** | {r['metrics_equal']} | `{speed['command']}` |",
+            f"**{_cell(r['ratio'], 2)}** | {r['metrics_equal']} | {_speed_metrics(r)} | "
+            f"{_diff(r.get('max_abs_delta_diff'))} | `{speed['command']}` |",
             "",
             f"Machine: {_machine_line(speed.get('machine'))}.",
             "",
@@ -266,7 +284,7 @@ def _speed_section(results: Path) -> list[str]:
             lines.append(
                 f"| {v['editors']} x {v['shards_per_editor']} | {_cell(v['edits_per_second'])} | "
                 f"{_cell(v['seconds_per_edit'], 1)} | {_cell(r.get(f'speedup_{name}', 1.0), 2)} | "
-                f"{'' if diff is None else f'{diff:.1e}'} | `{shards['command']}` |"
+                f"{'' if diff is None else _diff(diff)} | `{shards['command']}` |"
             )
         lines += ["", f"Machine: {_machine_line(shards.get('machine'))}.", ""]
     else:

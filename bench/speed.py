@@ -60,6 +60,10 @@ def speed_benchmark(cfg: JobConfig, n_edits: int = 3) -> dict[str, Any]:
     result["metrics_engine"], result["metrics_naive"] = metrics["engine"], metrics["naive"]
     result["metrics_equal"] = metrics["engine"] == metrics["naive"]
     result["max_abs_delta_diff"] = float((deltas["engine"] - deltas["naive"]).abs().max())
+    # equal metrics say little when every metric sits at 0 or 1: the report says which case this was
+    result["metrics_saturated"] = all(
+        v in (0.0, 1.0) for v in metrics["engine"]["teacher_forced"].values() if v is not None
+    )
     result["machine"] = {
         "platform": platform.platform(),
         "cpus": os.cpu_count(),

@@ -23,6 +23,10 @@ def test_report_quotes_each_benchmark_record_with_its_command(tmp_path):
             "n_iter": 70,
             "edits": 3,
             "metrics_equal": True,
+            "metrics_engine": {
+                "teacher_forced": {"reliability": 1.0, "generalization": 0.0, "locality": 1.0}
+            },
+            "max_abs_delta_diff": 1.8e-4,
         },
     )
     _save(
@@ -63,7 +67,10 @@ def test_report_quotes_each_benchmark_record_with_its_command(tmp_path):
         },
     )
     report = render_report(tmp_path).read_text()
-    assert "| 11.70 | 102.80 | **8.79** | True | `wisestream bench speed --edits 3` |" in report
+    assert (
+        "| 11.70 | 102.80 | **8.79** | True | 1.000 / 0.000 / 1.000 (all 0 or 1) | 1.8e-04 | "
+        "`wisestream bench speed --edits 3` |"
+    ) in report
     assert "| 2 x 1 | 0.105 | 9.6 | 1.59 | 1.0e-04 | `wisestream bench shards` |" in report
     assert "Command: `wisestream bench serving --checkpoint runs/x`" in report
     for row in (

@@ -347,7 +347,9 @@ def test_batched_generation_equals_one_prompt_at_a_time(tiny_model, tiny_tokeniz
     ed.apply(edits[:4])
     prompts = [e.prompt for e in edits[:4]] + [p for p, _ in pool[:4]] + ["Hi", edits[0].prompt + " and then"]
     budgets = [1 + i % 5 for i in range(len(prompts))]
-    alone = [greedy_generate(ed.model, ed.routed, ed.tokens, p, n) for p, n in zip(prompts, budgets)]
+    alone = [
+        greedy_generate(ed.model, ed.routed, ed.tokens, p, n) for p, n in zip(prompts, budgets, strict=True)
+    ]
     together = greedy_generate_batch(ed.model, ed.routed, ed.tokens, prompts, budgets)
     assert together == alone
     assert sum(c >= 0 for c in routed_choices(ed, prompts)) >= 4  # the edits' prompts were routed
