@@ -245,7 +245,7 @@ def _speed_metrics(r: dict) -> str:
 
 
 def _speed_section(results: Path) -> list[str]:
-    lines = ["## Engine speed at equal settings, and parallel shards", ""]
+    lines = ["### The cached engine at equal settings, and parallel shards", ""]
     speed = _load(results / "speed.json")
     if speed:
         r = speed["result"]
@@ -442,7 +442,7 @@ def render_report(results: str | Path, planned: dict[str, list[int]] | None = No
     scale = _load(results / "scale.json")
     lines += scale_section(scale, results, _machine_line(scale.get("machine")) if scale else "")
     lines += _merges_section(results)
-    lines += edit_speed_section(results, _machine_line)
+    lines += ["## Speed", "", *edit_speed_section(results, _machine_line)]
     lines += _speed_section(results)
     path = results / "REPORT.md"
     path.write_text("\n".join(lines) + "\n")

@@ -101,11 +101,13 @@ def profile_section(results: Path, machine_line: Callable[[dict | None], str]) -
 
 
 def edit_speed_section(results: Path, machine_line: Callable[[dict | None], str]) -> list[str]:
-    """``## Edit speed``: the editors compared, then the per-stage profile and the job against its engine."""
+    """The editors compared, then the per-stage profile and the job against its engine (``###`` sections)."""
     return [
-        "## Edit speed",
+        "### Seconds per edit: the default editor, the 2-edit editor, WISE's reference settings",
         "",
         *engines_section(results, machine_line),
+        "### Where an edit's seconds go, and the whole job against its engine",
+        "",
         *profile_section(results, machine_line),
     ]
 

@@ -80,7 +80,7 @@ def test_report_quotes_each_benchmark_record_with_its_command(tmp_path):
     ):
         assert row in report
     speed = report[
-        report.index("## Engine speed at equal settings") :
+        report.index("### The cached engine at equal settings") :
     ]  # scale.json, absent here, has its own section
     assert "Not measured" not in speed and "not measured" not in speed
 
@@ -130,7 +130,7 @@ def test_report_tabulates_each_merge_trace_with_its_command(tmp_path):
     )
     report = render_report(tmp_path).read_text()
     assert "| 4 | 0.0 / 0.0 | 17.0 / 35.0 | 40.7 | 35.5 | 46.7 | 41.1 | 0.00 | 6.2 / 34.1 / 0.00 |" in report
-    assert report.index("## WISE-Merge") < report.index("## Edit speed")
+    assert report.index("## WISE-Merge") < report.index("## Speed")
 
 
 def test_report_says_what_is_not_measured(tmp_path):
