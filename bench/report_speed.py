@@ -82,6 +82,21 @@ def profile_section(results: Path, machine_line: Callable[[dict | None], str]) -
         share = "" if stage in ("checkpoint", "transfer") else f"{100 * sec / total:.1f}%"
         lines.append(f"| {STAGE_LABELS.get(stage, stage)} | {sec:.3f} | {share} |")
     lines += [f"| **engine total** | **{total:.3f}** | 100% |", ""]
+    levers = r.get("levers") or {}
+    if levers:
+        lines += [
+            "Each speed lever of the default editor switched off on its own, same edits (gain: seconds per edit "
+            "without the lever over seconds per edit with all levers on):",
+            "",
+            "| lever off | s/edit | steps/edit | gain of the lever |",
+            "| --- | --- | --- | --- |",
+        ]
+        for name, lever in levers.items():
+            lines.append(
+                f"| {name} | {lever['seconds_per_edit']:.2f} | {lever['steps_per_edit']:.1f} | "
+                f"{lever['gain']:.2f}x |"
+            )
+        lines.append("")
     jobs = r.get("jobs") or {}
     if jobs:
         lines += [

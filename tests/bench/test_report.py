@@ -270,6 +270,7 @@ def test_report_renders_the_stage_profile_and_the_job_against_its_engine(tmp_pat
             "config": {"shards_per_editor": 4},
             "engine": {"edits_per_second": 1 / 3.0, "steps_per_edit": 10.2, "stages": stages},
             "jobs": {"eval_off": {"edits_per_second": 0.3, "ratio_to_engine": 0.9, "evaluations": 0}},
+            "levers": {"early stop off": {"seconds_per_edit": 8.1, "steps_per_edit": 30.0, "gain": 2.7}},
         },
     )
     report = render_report(tmp_path).read_text()
@@ -277,5 +278,6 @@ def test_report_renders_the_stage_profile_and_the_job_against_its_engine(tmp_pat
     assert "| checkpoint write (job only) | 0.010 |  |" in report  # outside the engine's total
     assert "| **engine total** | **3.000** | 100% |" in report
     assert "| eval off | 3.33 | 0.300 | 0.90 | 0 |" in report
+    assert "| early stop off | 8.10 | 30.0 | 2.70x |" in report
     assert "Command: `wisestream bench profile --edits 40`" in report
     assert "Editors compared not measured yet" in report
