@@ -26,7 +26,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench.report_cost import COST_HEADERS, memory_cells, scale_section
+from bench.report_cost import COST_HEADERS, memory_cells, scale_section, scale_table
 from bench.report_speed import edit_speed_section
 from orchestrator.report import format_number
 
@@ -441,6 +441,16 @@ def render_report(results: str | Path, planned: dict[str, list[int]] | None = No
         lines += [f"![{dataset}]({png.name})", ""]
     scale = _load(results / "scale.json")
     lines += scale_section(scale, results, _machine_line(scale.get("machine")) if scale else "")
+    for extra in sorted(results.glob("scale_*.json")):  # further T's measured by a separate command
+        rec = _load(extra) or {}
+        r = rec.get("result") or {}
+        lines += [
+            f"Further rows: `{rec.get('command', '')}` (median of {r.get('repeats')} pairs, "
+            f"{r.get('threads')} torch thread(s); machine: {_machine_line(rec.get('machine'))}):",
+            "",
+            *scale_table(r),
+            "",
+        ]
     lines += _merges_section(results)
     lines += ["## Speed", "", *edit_speed_section(results, _machine_line)]
     lines += _speed_section(results)

@@ -251,6 +251,22 @@ def test_report_renders_cost_at_scale_from_scale_json(tmp_path):
     assert report.index("| keyed | 100 |") < report.index("| keyed | 1000 |") < report.index("| shards |")
     assert "![cost vs edits](cost_vs_edits.png)" in report
     assert (tmp_path / "cost_vs_edits.png").stat().st_size > 0
+    # a further T measured by its own command is tabulated below, with that command
+    _save(
+        tmp_path / "scale_100k.json",
+        ["bench", "scale", "--ts", "100000"],
+        {
+            "model_bytes": 538_000_000,
+            "repeats": 5,
+            "threads": 2,
+            "rows": [row("keyed", 100_000, 255_735_936, timed)],
+        },
+    )
+    report = render_report(tmp_path).read_text()
+    assert (
+        "Further rows: `wisestream bench scale --ts 100000` (median of 5 pairs, 2 torch thread(s)" in report
+    )
+    assert "| keyed | 100000 |" in report
 
 
 def test_report_says_when_scale_is_not_measured(tmp_path):
