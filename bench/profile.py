@@ -38,7 +38,7 @@ import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -204,11 +204,9 @@ def engine_profile(cfg: JobConfig, records: list, model=None, tokenizer=None) ->
 
 @contextmanager
 def _patched(clock: StageClock, patches: list[tuple[Any, str, str]]) -> Iterator[None]:
-    if not patches:
-        yield
-        return
-    (owner, name, stage), rest = patches[0], patches[1:]
-    with clock.patch(owner, name, stage), _patched(clock, rest):
+    with ExitStack() as stack:
+        for owner, name, stage in patches:
+            stack.enter_context(clock.patch(owner, name, stage))
         yield
 
 
