@@ -24,9 +24,8 @@ from typing import Any
 import torch
 
 from orchestrator.config import JobConfig
-from orchestrator.inputs import irrelevant_pool
+from orchestrator.inputs import irrelevant_pool, stream_sample
 from orchestrator.model_store import load_model
-from streams import EditStream, open_source
 from wise.config import MarginConfig, WiseConfig
 from wise.evaluate import evaluate_records
 from wise.factory import make_editor
@@ -66,11 +65,7 @@ def engine_comparison(cfg: JobConfig, compare: JobConfig, n_edits: int = 20) -> 
         raise ValueError(
             "bench engines compares against a wise.layout: shards config (configs/wise-2edit.yaml)"
         )
-    if cfg.stream.path is None:
-        raise ValueError("bench engines reads its edits from stream.path")
-    records = [r for _, r in EditStream(open_source(cfg.stream.path, cfg.stream.format), max_records=n_edits)]
-    if not records:
-        raise ValueError(f"{cfg.stream.path} holds no valid edit")
+    records = stream_sample(cfg, n_edits, "bench engines")
     model, tokenizer = load_model(cfg)
     sides = {
         "default": (cfg.wise, irrelevant_pool(cfg), "cached"),

@@ -45,9 +45,8 @@ from typing import Any
 import torch
 
 from orchestrator.config import JobConfig
-from orchestrator.inputs import irrelevant_pool
+from orchestrator.inputs import irrelevant_pool, stream_sample
 from orchestrator.model_store import load_model
-from streams import EditStream, open_source
 from wise.factory import make_bank, make_trainer
 from wise.state import compose_state, write_state
 
@@ -103,16 +102,6 @@ class StageClock:
                 setattr(owner, name, original)
             else:
                 delattr(owner, name)  # the instance attribute goes; the class's method shows again
-
-
-def stream_records(cfg: JobConfig, n_edits: int) -> list:
-    """The first ``n_edits`` valid edits of the config's stream file."""
-    if cfg.stream.path is None:
-        raise ValueError("bench profile reads its edits from stream.path")
-    records = [r for _, r in EditStream(open_source(cfg.stream.path, cfg.stream.format), max_records=n_edits)]
-    if not records:
-        raise ValueError(f"{cfg.stream.path} holds no valid edit")
-    return records
 
 
 def engine_profile(cfg: JobConfig, records: list, model=None, tokenizer=None) -> dict[str, Any]:
@@ -271,7 +260,7 @@ def profile_benchmark(
     """The engine's stage profile; with ``levers``, its time with each lever off; with ``job``, the job's
     edits/s with and without continuous evaluation; all on the first ``n_edits`` edits of the config's stream
     (module docstring)."""
-    records = stream_records(cfg, n_edits)
+    records = stream_sample(cfg, n_edits, "bench profile")
     model, tokenizer = load_model(cfg)
     out: dict[str, Any] = {
         "edits": len(records),

@@ -452,7 +452,10 @@ def render_report(results: str | Path, planned: dict[str, list[int]] | None = No
             "",
         ]
     lines += _merges_section(results)
-    lines += ["## Speed", "", *edit_speed_section(results, _machine_line)]
+    speed = edit_speed_section(
+        _load(results / "engines.json"), _load(results / "profile.json"), _machine_line
+    )
+    lines += ["## Speed", "", *speed]
     lines += _speed_section(results)
     path = results / "REPORT.md"
     path.write_text("\n".join(lines) + "\n")

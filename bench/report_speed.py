@@ -4,9 +4,7 @@ edit by stage, and the whole job's edits/s against the engine's)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 STAGE_LABELS = {
@@ -23,12 +21,7 @@ STAGE_LABELS = {
 }
 
 
-def _load(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def engines_section(results: Path, machine_line: Callable[[dict | None], str]) -> list[str]:
-    rec = _load(results / "engines.json")
+def engines_section(rec: dict[str, Any] | None, machine_line: Callable[[dict | None], str]) -> list[str]:
     if rec is None:
         return [
             "Editors compared not measured yet: run `wisestream bench engines --edits 10 --out "
@@ -58,8 +51,7 @@ def engines_section(results: Path, machine_line: Callable[[dict | None], str]) -
     return lines
 
 
-def profile_section(results: Path, machine_line: Callable[[dict | None], str]) -> list[str]:
-    rec = _load(results / "profile.json")
+def profile_section(rec: dict[str, Any] | None, machine_line: Callable[[dict | None], str]) -> list[str]:
     if rec is None:
         return [
             "Per-stage profile not measured yet: run `wisestream bench profile --out "
@@ -115,15 +107,18 @@ def profile_section(results: Path, machine_line: Callable[[dict | None], str]) -
     return lines
 
 
-def edit_speed_section(results: Path, machine_line: Callable[[dict | None], str]) -> list[str]:
-    """The editors compared, then the per-stage profile and the job against its engine (``###`` sections)."""
+def edit_speed_section(
+    engines: dict[str, Any] | None, profile: dict[str, Any] | None, machine_line: Callable[[dict | None], str]
+) -> list[str]:
+    """The editors compared (``engines.json``), then the per-stage profile and the job against its engine
+    (``profile.json``), as ``###`` sections; each says how to measure it when its record is missing."""
     return [
         "### Seconds per edit: the default editor, the 2-edit editor, WISE's reference settings",
         "",
-        *engines_section(results, machine_line),
+        *engines_section(engines, machine_line),
         "### Where an edit's seconds go, and the whole job against its engine",
         "",
-        *profile_section(results, machine_line),
+        *profile_section(profile, machine_line),
     ]
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from orchestrator.config import JobConfig
-from orchestrator.inputs import irrelevant_pool
+from orchestrator.inputs import irrelevant_pool, stream_sample
 from orchestrator.model_store import load_model
 from streams import EditStream, open_source
 from wise.editor import WiseEditor
@@ -33,9 +33,7 @@ def speed_benchmark(cfg: JobConfig, n_edits: int = 3) -> dict[str, Any]:
     Returns:
         ``seconds_per_edit_engine``, ``seconds_per_edit_naive``, ``ratio``, ``metrics_equal`` and details.
     """
-    if cfg.stream.path is None:
-        raise ValueError("the speed benchmark reads its edits from stream.path")
-    records = [r for _, r in EditStream(open_source(cfg.stream.path, cfg.stream.format), max_records=n_edits)]
+    records = stream_sample(cfg, n_edits, "the speed benchmark")
     pool = irrelevant_pool(cfg)
     model, tokenizer = load_model(cfg)
     naive_model = copy.deepcopy(model)

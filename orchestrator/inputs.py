@@ -224,6 +224,20 @@ def open_input(cfg: JobConfig, records: Iterable[Any] | None = None, position: i
     return FileInput(source, DeadLetterFile(cfg.dead_letter_path()), start=position)
 
 
+def stream_sample(cfg: JobConfig, n: int, who: str = "this benchmark") -> list:
+    """The first ``n`` valid edit records of the config's stream file (benchmarks time and measure on them).
+
+    Raises:
+        ValueError: the config names no stream file, or the file holds no valid edit.
+    """
+    if cfg.stream.path is None:
+        raise ValueError(f"{who} reads its edits from stream.path")
+    records = [r for _, r in EditStream(open_source(cfg.stream.path, cfg.stream.format), max_records=n)]
+    if not records:
+        raise ValueError(f"{cfg.stream.path} holds no valid edit")
+    return records
+
+
 def irrelevant_pool(cfg: JobConfig) -> list[tuple[str, str]]:
     """Locality pairs of the records in ``irrelevant.path`` (records that are not edited): the margin loss's
     irrelevant inputs.

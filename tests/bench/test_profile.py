@@ -13,9 +13,9 @@ from bench.profile import (
     StageClock,
     engine_profile,
     lever_variants,
-    stream_records,
 )
 from orchestrator.config import load_config
+from orchestrator.inputs import stream_sample
 
 
 def test_stage_clock_times_and_restores_what_it_wraps():
@@ -35,7 +35,7 @@ def test_stage_clock_times_and_restores_what_it_wraps():
 
 def test_engine_stages_account_for_its_seconds(job_files):
     cfg = load_config(job_files, ["runtime.shards_per_editor=2", "checkpoint.every=2"])
-    res = engine_profile(cfg, stream_records(cfg, 12))
+    res = engine_profile(cfg, stream_sample(cfg, 12))
     stages = res["stages"]
     assert set(ENGINE_STAGES) <= set(stages)
     for stage in ("frozen_prefix", "upper_forward", "backward", "tokenise", "store_and_merge"):
