@@ -19,6 +19,7 @@ import logging
 import os
 import platform
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -247,7 +248,7 @@ def sequential_run(
     results_dir: Path,
     *,
     fingerprint: dict[str, Any],
-    evaluate: Callable[[SequentialEditor, Sequence[Any]], dict[str, Any]],
+    evaluate: Callable[[SequentialEditor, Sequence[Any], Path], dict[str, Any]],
     checkpoint_every: int = 10,
     extra: dict[str, Any] | None = None,
     positions: dict[int, int] | None = None,
@@ -262,7 +263,8 @@ def sequential_run(
         results_dir: where ``T{t}.json`` results go (a finished milestone is never recomputed).
         fingerprint: what the state depends on (method settings, data, model); a resumed state written with
             another fingerprint is refused.
-        evaluate: metrics of an editor on records.
+        evaluate: metrics of an editor on records; its third argument is a directory where it may keep partial
+            results of that milestone (deleted once the milestone's result is written).
         checkpoint_every: edits between state checkpoints.
         extra: fields added to every result (command, machine).
         positions: where milestone T lies in ``records`` when other records are mixed in (default T).
@@ -340,7 +342,8 @@ def _run_locked(
                 progress["edit_seconds"] / editor.n_edits,
             )
         t0 = time.perf_counter()
-        metrics = evaluate(editor, records[:end])
+        cache = work_dir / f"eval-T{t}"  # probes kept as they finish: a stopped evaluation resumes
+        metrics = evaluate(editor, records[:end], cache)
         result = {
             "T": t,
             **metrics,
@@ -350,6 +353,7 @@ def _run_locked(
             **(extra or {}),
         }
         _write_json(milestone_path(results_dir, t), result)
+        shutil.rmtree(cache, ignore_errors=True)
         logger.info("%s T=%d: %s", results_dir, t, metrics.get("teacher_forced"))
         done.append(t)
     return done
@@ -544,7 +548,7 @@ def quality_benchmark(
 
         pre_dir = out / "quality" / run.dataset / "pre"
 
-        def pre_edit(editor, recs, pre_dir=pre_dir):
+        def pre_edit(editor, recs, cache=None, pre_dir=pre_dir):
             """The pre-edit model's metrics on ``recs`` (the edited layer's main weight alone: the same for every
             method, so computed once per dataset and T and kept in ``quality/<dataset>/pre/``)."""
             pre_path = pre_dir / f"T{len(recs)}.json"
@@ -558,24 +562,27 @@ def quality_benchmark(
                 main_only=True,
                 generate=qcfg.generate,
                 progress=True,
+                cache=cache,
             )
             pre = {k: pre[k] for k in ("teacher_forced", "generate") if k in pre}
             _write_json(pre_path, {"T": len(recs), **pre, **extra})
             return pre
 
-        def evaluate(editor, recs, pre_edit=pre_edit, mixed_ids=mixed_ids, kind=spec.kind, mix=run.mix):
+        def evaluate(
+            editor, recs, cache, pre_edit=pre_edit, mixed_ids=mixed_ids, kind=spec.kind, mix=run.mix
+        ):
+            """The edited model's metrics on ``recs`` beside the pre-edit model's; probes kept under ``cache``."""
             own = [r for r in recs if r.id not in mixed_ids]
-            res = evaluate_records(
-                editor.model, editor.routed, editor.tokens, own, generate=qcfg.generate, progress=True
-            )
-            out = {"pre": pre_edit(editor, own), **res}
+            args = (editor.model, editor.routed, editor.tokens)
+            res = evaluate_records(*args, own, generate=qcfg.generate, progress=True, cache=cache / "post")
+            out = {"pre": pre_edit(editor, own, cache / "pre"), **res}
             if mix is not None:
                 mixed = [r for r in recs if r.id in mixed_ids]
                 post = evaluate_records(
-                    editor.model, editor.routed, editor.tokens, mixed, generate=qcfg.generate, progress=True
+                    *args, mixed, generate=qcfg.generate, progress=True, cache=cache / "mix-post"
                 )
                 pre = evaluate_records(
-                    editor.model, editor.routed, editor.tokens, mixed, main_only=True, generate=qcfg.generate
+                    *args, mixed, main_only=True, generate=qcfg.generate, cache=cache / "mix-pre"
                 )
                 out["mix"] = {
                     "name": mix.name,

@@ -11,16 +11,19 @@ Routing decisions use the prompt's tokens as the query span, as a serving engine
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from wise.batch import IGNORE, Tokens
 from wise.router import RoutedLinear
+from wise.state import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -255,7 +258,7 @@ def _pairs(records, field: str) -> tuple[list[tuple[str, str]], list[int]]:
     return out, owner
 
 
-def evaluate_records(
+def probe_records(
     model: nn.Module,
     routed: RoutedLinear,
     tokens: Tokens,
@@ -265,19 +268,13 @@ def evaluate_records(
     generate: bool = True,
     progress: bool = False,
 ) -> dict:
-    """Retention over ``records`` (each with prompt/target and optional rephrase and locality fields).
-
-    Args:
-        model, routed, tokens: the model under test.
-        records: edit records (``streams.EditRecord`` or anything with the same attributes).
-        main_only: measure the pre-edit model (main memory only).
-        generate: also compute the free-generation variants.
-        progress: log each pass (probes, seconds) at INFO instead of DEBUG, for long evaluations.
+    """Every probe's outcome over ``records``, as plain lists (JSON-serialisable; :func:`summarize_probes`
+    turns them into metrics, :func:`concat_probes` joins the probes of consecutive slices of records).
 
     Returns:
-        ``{"teacher_forced": {reliability, generalization, locality}, "generate": {reliability,
-        generalization}, "routed_fraction": {edit, rephrase, locality}, "per_edit": [...]}``; a metric with no
-        probes is None.
+        ``{"records": n, "rel": [acc], "gen": [acc], "gen_owner": [record index], "loc": [agreement],
+        "loc_owner": [...], "route": {edit, rephrase, locality: [memory index, -1 = main]}, "ratio": {...:
+        [score / threshold]}}`` plus ``"rel_hit"`` / ``"gen_hit"`` (free generation) when ``generate``.
     """
     rel_pairs, _ = _pairs(records, "prompt")
     gen_pairs, gen_owner = _pairs(records, "rephrase")
@@ -304,36 +301,135 @@ def evaluate_records(
     loc = timed("locality (teacher-forced)", loc_pairs, answer_predictions, main_only=main_only)
     # the pre-edit reference is the main memory alone: when that is what we measure, it is the same pass
     loc_ref = loc if main_only else timed("locality reference", loc_pairs, answer_predictions, main_only=True)
-    rel_acc, gen_acc, loc_agree = token_accuracy(rel), token_accuracy(gen), agreement(loc, loc_ref)
+    kinds = (("edit", rel), ("rephrase", gen), ("locality", loc))
+    out = {
+        "records": len(records),
+        "rel": token_accuracy(rel),
+        "gen": token_accuracy(gen),
+        "gen_owner": gen_owner,
+        "loc": agreement(loc, loc_ref),
+        "loc_owner": loc_owner,
+        "route": {name: [int(c) for c in p.route.tolist()] for name, p in kinds},
+        "ratio": {name: [float(x) for x in p.ratio.tolist()] for name, p in kinds},
+    }
+    if generate:
+        out["rel_hit"] = timed("reliability (generation)", rel_pairs, generation_hits, main_only=main_only)
+        out["gen_hit"] = timed("generalization (generation)", gen_pairs, generation_hits, main_only=main_only)
+    return out
+
+
+def concat_probes(parts: Sequence[dict]) -> dict:
+    """The probes of consecutive slices of records (each from :func:`probe_records`) as one."""
+    out: dict = {"records": 0, "rel": [], "gen": [], "gen_owner": [], "loc": [], "loc_owner": []}
+    out["route"] = {k: [] for k in ("edit", "rephrase", "locality")}
+    out["ratio"] = {k: [] for k in ("edit", "rephrase", "locality")}
+    generate = all("rel_hit" in p for p in parts)
+    if generate:
+        out["rel_hit"], out["gen_hit"] = [], []
+    for p in parts:
+        base = out["records"]
+        out["records"] += p["records"]
+        for k in ("rel", "gen", "loc") + (("rel_hit", "gen_hit") if generate else ()):
+            out[k] += p[k]
+        out["gen_owner"] += [base + o for o in p["gen_owner"]]
+        out["loc_owner"] += [base + o for o in p["loc_owner"]]
+        for k in out["route"]:
+            out["route"][k] += p["route"][k]
+            out["ratio"][k] += p["ratio"][k]
+    return out
+
+
+def summarize_probes(probes: dict, records: Sequence) -> dict:
+    """Metrics from :func:`probe_records`' outcomes over the same ``records`` (see :func:`evaluate_records`)."""
     out = {
         "teacher_forced": {
-            "reliability": mean(rel_acc),
-            "generalization": mean(gen_acc),
-            "locality": mean(loc_agree),
+            "reliability": mean(probes["rel"]),
+            "generalization": mean(probes["gen"]),
+            "locality": mean(probes["loc"]),
         },
-        "routed_fraction": {
-            name: mean([float(c >= 0) for c in p.route.tolist()])
-            for name, p in (("edit", rel), ("rephrase", gen), ("locality", loc))
-        },
+        "routed_fraction": {k: mean([float(c >= 0) for c in v]) for k, v in probes["route"].items()},
+        "score_over_threshold": {k: _quantiles(torch.tensor(v)) for k, v in probes["ratio"].items()},
     }
-    out["score_over_threshold"] = {
-        name: _quantiles(p.ratio) for name, p in (("edit", rel), ("rephrase", gen), ("locality", loc))
-    }
-    rel_gen = gen_gen = []
+    generate = "rel_hit" in probes
     if generate:
-        rel_gen = timed("reliability (generation)", rel_pairs, generation_hits, main_only=main_only)
-        gen_gen = timed("generalization (generation)", gen_pairs, generation_hits, main_only=main_only)
-        out["generate"] = {"reliability": mean(rel_gen), "generalization": mean(gen_gen)}
+        out["generate"] = {"reliability": mean(probes["rel_hit"]), "generalization": mean(probes["gen_hit"])}
+    gen_by, loc_by = _by_owner(probes, "gen", len(records)), _by_owner(probes, "loc", len(records))
+    hit_by = _by_owner(probes, "gen_hit", len(records), owner="gen_owner") if generate else None
     per_edit = []
     for i, r in enumerate(records):
-        item = {"id": r.id, "reliability": rel_acc[i], "routed": int(rel.route[i]) >= 0}
-        g = [gen_acc[j] for j, o in enumerate(gen_owner) if o == i]
-        item["generalization"] = mean(g)
-        lo = [loc_agree[j] for j, o in enumerate(loc_owner) if o == i]
-        item["locality"] = mean(lo)
-        if generate:
-            item["generate_reliability"] = rel_gen[i]
-            item["generate_generalization"] = mean([gen_gen[j] for j, o in enumerate(gen_owner) if o == i])
+        item = {"id": r.id, "reliability": probes["rel"][i], "routed": probes["route"]["edit"][i] >= 0}
+        item["generalization"] = mean(gen_by[i])
+        item["locality"] = mean(loc_by[i])
+        if hit_by is not None:
+            item["generate_reliability"] = probes["rel_hit"][i]
+            item["generate_generalization"] = mean(hit_by[i])
         per_edit.append(item)
     out["per_edit"] = per_edit
     return out
+
+
+def _by_owner(probes: dict, key: str, n: int, owner: str | None = None) -> list[list[float]]:
+    by: list[list[float]] = [[] for _ in range(n)]
+    for value, o in zip(probes[key], probes[owner or f"{key}_owner"], strict=True):
+        by[o].append(value)
+    return by
+
+
+def evaluate_records(
+    model: nn.Module,
+    routed: RoutedLinear,
+    tokens: Tokens,
+    records: Sequence,
+    *,
+    main_only: bool = False,
+    generate: bool = True,
+    progress: bool = False,
+    cache: str | Path | None = None,
+    chunk: int = 250,
+) -> dict:
+    """Retention over ``records`` (each with prompt/target and optional rephrase and locality fields).
+
+    Args:
+        model, routed, tokens: the model under test.
+        records: edit records (``streams.EditRecord`` or anything with the same attributes).
+        main_only: measure the pre-edit model (main memory only).
+        generate: also compute the free-generation variants.
+        progress: log each pass (probes, seconds) at INFO instead of DEBUG, for long evaluations.
+        cache: a directory where the probes of each ``chunk`` records are kept as they finish, so that a long
+            evaluation stopped part-way resumes there (the caller deletes it when the model changes).
+        chunk: records per cached slice.
+
+    Returns:
+        ``{"teacher_forced": {reliability, generalization, locality}, "generate": {reliability,
+        generalization}, "routed_fraction": {edit, rephrase, locality}, "per_edit": [...]}``; a metric with no
+        probes is None.
+    """
+    kw = {"main_only": main_only, "generate": generate, "progress": progress}
+    if cache is None:
+        return summarize_probes(probe_records(model, routed, tokens, records, **kw), records)
+    cache = Path(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    parts = []
+    n_chunks = -(-len(records) // chunk)
+    for k, start in enumerate(range(0, len(records), chunk)):
+        part = records[start : start + chunk]
+        path = cache / f"{start}-{start + len(part)}{'-gen' if generate else ''}.json"
+        if path.exists():
+            parts.append(json.loads(path.read_text()))
+            continue
+        t0 = time.perf_counter()
+        probes = probe_records(model, routed, tokens, part, **kw)
+        atomic_write(path, lambda tmp, probes=probes: Path(tmp).write_text(json.dumps(probes)))
+        parts.append(probes)
+        logger.log(
+            logging.INFO if progress else logging.DEBUG,
+            "records %d-%d of %d measured (slice %d/%d, %.0f s), kept in %s",
+            start,
+            start + len(part),
+            len(records),
+            k + 1,
+            n_chunks,
+            time.perf_counter() - t0,
+            cache,
+        )
+    return summarize_probes(concat_probes(parts), records)

@@ -40,8 +40,10 @@ def _wise_cfg():
     )
 
 
-def _evaluate(editor, recs):
-    res = evaluate_records(editor.model, editor.routed, editor.tokens, recs, generate=False)
+def _evaluate(editor, recs, cache):
+    res = evaluate_records(
+        editor.model, editor.routed, editor.tokens, recs, generate=False, cache=cache, chunk=2
+    )
     return {"teacher_forced": res["teacher_forced"], "per_edit": res["per_edit"]}
 
 
@@ -99,6 +101,7 @@ def test_milestones_equal_independent_runs_and_resume_never_recomputes(
     calls.clear()
     done = _run(_runner(tiny_model, tiny_tokenizer, pool, calls), edits, [1, 3], w, r)
     assert done == [3] and calls == ["make", 1]  # resumed at 2 edits: only the third is applied
+    assert not list(w.glob("eval-T*"))  # an evaluation's kept slices go once its result is written
     # independent runs of exactly 1 and exactly 3 edits
     for t in (1, 3):
         _run(

@@ -100,7 +100,11 @@ def test_grace_key_is_the_last_prompt_token(tiny_model, tiny_tokenizer, edits):
     preds = answer_predictions(tiny_model, ed.routed, ed.tokens, [(edits[0].prompt, edits[0].target)])
     assert preds.route.tolist() == [0]
     keys = ed.prompt_keys([edits[0].prompt, edits[0].prompt + " " + edits[0].target])
-    assert torch.allclose(keys[0], ed.routed.keys[0]) and not torch.allclose(keys[1], keys[0])
+    # the same prompt alone and in a padded batch of two: equal up to float32 reduction order
+    assert torch.allclose(keys[0], ed.routed.keys[0], rtol=1e-4, atol=1e-5), (
+        (keys[0] - ed.routed.keys[0]).abs().max()
+    )
+    assert (keys[1] - keys[0]).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("second_target", ["Paris", "Tokyo"])

@@ -104,3 +104,33 @@ def test_evaluation_logs_each_pass_at_info_only_when_asked(tiny_model, tiny_toke
     assert lines[0].startswith("edited model, 4 records: reliability (teacher-forced), 4 probes,")
     assert lines[1].startswith("edited model, 4 records: generalization (teacher-forced), 3 probes,")
     assert lines[-1].startswith("edited model, 4 records: generalization (generation), 3 probes,")
+
+
+def test_evaluation_kept_in_slices_equals_one_pass_and_resumes_at_the_missing_slice(
+    tiny_model, tiny_tokenizer, edits, tmp_path, monkeypatch
+):
+    import wise.evaluate as ev
+    from wise.batch import Tokens
+    from wise.router import RoutedLinear
+
+    mlp = tiny_model.model.layers[2].mlp
+    mlp.down_proj = routed = RoutedLinear(mlp.down_proj)
+    tokens = Tokens(tiny_tokenizer)
+    args = (tiny_model, routed, tokens, edits)
+    whole = ev.evaluate_records(*args, generate=True)
+    # slices of 3 records: the second starts after an edit without rephrases, so its owners are offset
+    sliced = ev.evaluate_records(*args, generate=True, cache=tmp_path, chunk=3)
+    assert sliced == whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0-3-gen.json", "3-4-gen.json"]
+    # a stopped evaluation: the first slice is kept, only the second is measured again
+    (tmp_path / "3-4-gen.json").unlink()
+    measured = []
+    real = ev.probe_records
+
+    def counting(model, routed, tokens, records, **kw):
+        measured.append([r.id for r in records])
+        return real(model, routed, tokens, records, **kw)
+
+    monkeypatch.setattr(ev, "probe_records", counting)
+    assert ev.evaluate_records(*args, generate=True, cache=tmp_path, chunk=3) == whole
+    assert measured == [["e3"]]
