@@ -79,7 +79,7 @@ bench-speed: model
 bench: model
 	$(PY) -m wisestream bench quality --max-t 100
 	$(PY) -m wisestream bench engines --edits 20 --out benchmarks/results/engines.json
-	$(PY) -m wisestream bench speed --edits 3 --set wise.save_freq=5 --set wise.merge_freq=5 --out benchmarks/results/speed.json
+	$(PY) -m wisestream bench speed --edits 3 --set stream.path=data/zsre_train_1k.json --set stream.format=zsre --set wise.save_freq=5 --set wise.merge_freq=5 --out benchmarks/results/speed.json
 	$(PY) -m wisestream bench shards --edits 8 --set wise.save_freq=2 --set wise.merge_freq=2 --out benchmarks/results/shards.json
 	$(PY) -m wisestream run configs/default.yaml
 	$(PY) -m wisestream bench serving --checkpoint runs/default --out benchmarks/results/serving.json

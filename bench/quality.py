@@ -14,6 +14,7 @@ command again continues from the last checkpoint and never recomputes a finished
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -481,6 +482,25 @@ def model_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
 
 
+def _digest(obj: Any) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def serving_cost(editor, records: Sequence[Any], repeats: int = 5) -> dict[str, Any] | None:
+    """What this state costs a served forward pass: routed over main-only time, minus one, at prefill and at
+    decode (route held), timed as ``bench scale`` times synthetic states, on the run's first 64 edit prompts.
+    None for a router that cannot hold a route (the shards layout's per-token routing)."""
+    from bench.scale import routing_overhead
+
+    if getattr(editor.routed, "hold_route", None) is None or not records:
+        return None
+    tokenizer = editor.tokens.tokenizer
+    prompts = [list(tokenizer(r.prompt).input_ids) for r in records[:64]]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = routing_overhead(editor.model, editor.routed, prompts, pad, repeats)
+    return {**out, "repeats": repeats, "threads": torch.get_num_threads()}
+
+
 def planned_milestones(qcfg: QualityConfig) -> dict[str, list[int]]:
     """Milestones each configured run ``method/dataset`` is to reach (for the report's status table)."""
     read: dict = {}  # each dataset is read once per length, not once per method
@@ -548,9 +568,13 @@ def quality_benchmark(
 
         pre_dir = out / "quality" / run.dataset / "pre"
 
-        def pre_edit(editor, recs, cache=None, pre_dir=pre_dir):
+        # the pre-edit model's probes of each slice of records, kept for every later milestone of the dataset
+        pre_cache = work / run.dataset / f"pre-probes-{_digest(fingerprint['model'])}"
+
+        def pre_edit(editor, recs, pre_dir=pre_dir, cache=pre_cache):
             """The pre-edit model's metrics on ``recs`` (the edited layer's main weight alone: the same for every
-            method, so computed once per dataset and T and kept in ``quality/<dataset>/pre/``)."""
+            method, so computed once per dataset and T and kept in ``quality/<dataset>/pre/``; its probes are
+            kept per slice of records, which the next milestone's prefix shares)."""
             pre_path = pre_dir / f"T{len(recs)}.json"
             if pre_path.exists():
                 return json.loads(pre_path.read_text())
@@ -575,7 +599,7 @@ def quality_benchmark(
             own = [r for r in recs if r.id not in mixed_ids]
             args = (editor.model, editor.routed, editor.tokens)
             res = evaluate_records(*args, own, generate=qcfg.generate, progress=True, cache=cache / "post")
-            out = {"pre": pre_edit(editor, own, cache / "pre"), **res}
+            out = {"pre": pre_edit(editor, own), **res}
             if mix is not None:
                 mixed = [r for r in recs if r.id in mixed_ids]
                 post = evaluate_records(
@@ -592,6 +616,7 @@ def quality_benchmark(
                 }
             if kind == "wise":
                 out["memory"] = memory_cost(*editor.state_dict(), model_bytes(editor.model))
+                out["serving"] = serving_cost(editor, own)
             return out
 
         if pre_only:
@@ -600,7 +625,7 @@ def quality_benchmark(
             if todo:
                 editor = make()
                 for t in todo:
-                    pre_edit(editor, records[:t])
+                    pre_edit(editor, [r for r in records if r.id not in mixed_ids][:t])
                     logger.info("run %s: pre-edit model measured at T=%d", run.name, t)
             evaluated[run.name] = todo
             continue

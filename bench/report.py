@@ -26,7 +26,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench.report_cost import COST_HEADERS, memory_cells, scale_section, scale_table
+from bench.report_cost import (
+    COST_HEADERS,
+    memory_cells,
+    milestone_cost_table,
+    scale_section,
+    scale_table,
+)
 from bench.report_speed import edit_speed_section
 from orchestrator.report import format_number
 
@@ -266,7 +272,8 @@ def _speed_section(results: Path) -> list[str]:
         ]
     else:
         lines += [
-            "Not measured yet: run `wisestream bench speed --edits 3 --out benchmarks/results/speed.json`.",
+            "Not measured yet: run `wisestream bench speed --edits 3 --set stream.path=data/zsre_train_1k.json "
+            "--set stream.format=zsre --out benchmarks/results/speed.json`.",
             "",
         ]
     shards = _load(results / "shards.json")
@@ -436,6 +443,17 @@ def render_report(results: str | Path, planned: dict[str, list[int]] | None = No
                 "the rows above leave them out:",
                 "",
                 *near,
+                "",
+            ]
+        cost = milestone_cost_table(quality[dataset])
+        if cost:
+            lines += [
+                "Cost at each milestone: the state's memory, and a served forward pass on that state, routed over "
+                "main-only time (median of the result's `serving.repeats` alternating pairs, 8 x 32-token prefill "
+                "and 32 one-token decode steps of the run's first edit prompts; milliseconds in brackets); "
+                "evaluation s is the time the milestone's measurement took:",
+                "",
+                *cost,
                 "",
             ]
         lines += [f"![{dataset}]({png.name})", ""]

@@ -52,6 +52,38 @@ def _ratio(overhead: dict | None, phase: str) -> str:
     return f"{1.0 + overhead[phase]:.2f}x{times}"
 
 
+def milestone_cost_table(by_method: dict[str, dict[int, dict]]) -> list[str]:
+    """Markdown rows for the results that carry a ``serving`` block (the quality benchmark times a served
+    forward pass on each milestone's state): retention, memory, serving overhead, editing and evaluation time per
+    milestone. Empty when no result has one."""
+    rows = [
+        (m, t, r)
+        for m, by_t in sorted(by_method.items())
+        if m != "pre"
+        for t, r in sorted(by_t.items())
+        if r.get("serving")
+    ]
+    if not rows:
+        return []
+    lines = [
+        "| method | T | mean(Rel, Gen, Loc) | Loc | "
+        + " | ".join(COST_HEADERS)
+        + " | prefill routed/main | decode routed/main | s/edit | evaluation s |",
+        "|" + " --- |" * (8 + len(COST_HEADERS)),
+    ]
+    for method, t, r in rows:
+        tf = r.get("teacher_forced") or {}
+        three = [tf.get(k) for k in ("reliability", "generalization", "locality")]
+        avg = sum(three) / 3 if all(v is not None for v in three) else None
+        lines.append(
+            f"| {method} | {t} | {significant(avg)} | {significant(tf.get('locality'))} | "
+            + " | ".join(memory_cells(r))
+            + f" | {_ratio(r['serving'], 'prefill')} | {_ratio(r['serving'], 'decode')} | "
+            + f"{significant(r.get('seconds_per_edit'))} | {significant(r.get('eval_seconds'))} |"
+        )
+    return lines
+
+
 def _retention_cell(retention: dict | None) -> str:
     if not retention:
         return MISSING

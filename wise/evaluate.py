@@ -11,6 +11,7 @@ Routing decisions use the prompt's tokens as the query span, as a serving engine
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -395,8 +396,9 @@ def evaluate_records(
         main_only: measure the pre-edit model (main memory only).
         generate: also compute the free-generation variants.
         progress: log each pass (probes, seconds) at INFO instead of DEBUG, for long evaluations.
-        cache: a directory where the probes of each ``chunk`` records are kept as they finish, so that a long
-            evaluation stopped part-way resumes there (the caller deletes it when the model changes).
+        cache: a directory where the probes of each ``chunk`` records are kept as they finish (named by the
+            slice's position and record ids), so that a long evaluation stopped part-way resumes there; the
+            caller deletes it when the model changes.
         chunk: records per cached slice.
 
     Returns:
@@ -413,7 +415,8 @@ def evaluate_records(
     n_chunks = -(-len(records) // chunk)
     for k, start in enumerate(range(0, len(records), chunk)):
         part = records[start : start + chunk]
-        path = cache / f"{start}-{start + len(part)}{'-gen' if generate else ''}.json"
+        ids = hashlib.sha1("\n".join(str(r.id) for r in part).encode()).hexdigest()[:12]
+        path = cache / f"{start}-{start + len(part)}-{ids}{'-gen' if generate else ''}.json"
         if path.exists():
             parts.append(json.loads(path.read_text()))
             continue

@@ -214,7 +214,10 @@ def test_smoke_benchmark_runs_end_to_end(tmp_path):
         "zsre/T1.json",
         "zsre/T2.json",
     ]
-    assert not list((out / "quality").glob("*/wise-*")) and not (out / "work").exists()
+    assert not list((out / "quality").glob("*/wise-*"))
+    # no editor state, only the pre-edit probes kept per slice of records (the runs' milestones reuse them)
+    assert {p.name.rsplit("-", 1)[0] for p in (out / "work").glob("*/*")} == {"pre-probes"}
+    assert len(list((out / "work").glob("*/pre-probes-*/*.json"))) == 2 * 2  # T=1 and T=2 per dataset
     pre_text = {p: p.read_text() for p in pre_files}
     assert all("--pre-only" in json.loads(t)["command"] for t in pre_text.values())
     assert main(["bench", "quality", "--smoke", "--out", str(out)]) == 0
@@ -233,4 +236,8 @@ def test_smoke_benchmark_runs_end_to_end(tmp_path):
             )
             assert tf["reliability"] > pre["reliability"], (dataset, method, tf, pre)
             assert 0.0 <= tf["locality"] <= 1.0 and r["seconds_per_edit"] > 0
+            if method in ("keyed", "wise-retrieve", "wise-merge"):  # a served forward timed on the state
+                serving = r["serving"]
+                assert serving["prefill_main_seconds"] > 0 and serving["decode_main_seconds"] > 0
+                assert serving["prefill"] > -1.0 and serving["repeats"] == 5
     assert "## Serving" in report and "## Speed" in report

@@ -200,6 +200,43 @@ def test_quality_tables_put_the_memory_cost_beside_retention(tmp_path):
     assert report.count("| nearmiss |") == 1  # only the result with a mix block
 
 
+def test_each_milestone_with_a_timed_state_gets_its_cost_row(tmp_path):
+    serving = {
+        "prefill": 0.04,
+        "decode": 0.1,
+        "prefill_seconds": 0.052,
+        "prefill_main_seconds": 0.05,
+        "decode_seconds": 0.011,
+        "decode_main_seconds": 0.01,
+        "repeats": 5,
+    }
+    for t, loc in ((1000, 0.97), (2000, 0.955)):
+        _quality(
+            tmp_path,
+            "counterfact-long",
+            "keyed",
+            t,
+            memory=MEMORY,
+            serving=serving,
+            eval_seconds=1234.5,
+            teacher_forced={"reliability": 0.97, "generalization": 0.4, "locality": loc},
+        )
+    _quality(tmp_path, "zsre", "keyed", 100, memory=MEMORY)  # no serving block: no cost table
+    report = render_report(tmp_path).read_text()
+    # mean of 0.97, 0.4, 0.97 = 0.78; 1.04x the main-only prefill (52.0 / 50.0 ms), 1.10x decode
+    assert (
+        "| keyed | 1000 | 0.780 | 0.970 | 105 KiB | 2.14 | 1.04x (52.0 / 50.0 ms) | 1.10x (11.0 / 10.0 ms) | "
+        "4.50 | 1234 |"
+    ) in report
+    assert "| keyed | 2000 | 0.775 | 0.955 |" in report
+    assert report.count("Cost at each milestone") == 1
+    assert (
+        report.index("### counterfact-long")
+        < report.index("Cost at each milestone")
+        < report.index("### zsre")
+    )
+
+
 def test_report_renders_cost_at_scale_from_scale_json(tmp_path):
     def row(layout, t, nbytes, overhead, retention=None):
         return {
