@@ -253,6 +253,7 @@ def sequential_run(
     checkpoint_every: int = 10,
     extra: dict[str, Any] | None = None,
     positions: dict[int, int] | None = None,
+    defer: bool = False,
 ) -> list[int]:
     """Apply ``records`` in order, evaluating the first T edits at each milestone T, resumably.
 
@@ -269,14 +270,22 @@ def sequential_run(
         checkpoint_every: edits between state checkpoints.
         extra: fields added to every result (command, machine).
         positions: where milestone T lies in ``records`` when other records are mixed in (default T).
+        defer: at each milestone keep a copy of the state (``milestone-T<t>/``) and go on editing;
+            :func:`evaluate_deferred` measures the copies, e.g. in a second process on another core. A milestone
+            with such a copy counts as reached, in either mode.
 
     Returns:
-        The milestones evaluated by this call.
+        The milestones evaluated by this call (with ``defer``: kept for evaluation).
 
     Raises:
         ConfigError: the state in ``work_dir`` belongs to other settings, or lies past an unfinished milestone.
     """
-    todo = [t for t in milestones if not milestone_path(results_dir, t).exists()]
+    todo = [
+        t
+        for t in milestones
+        if not milestone_path(results_dir, t).exists()
+        and not (_snapshot_dir(work_dir, t) / "milestone.json").exists()
+    ]
     if not todo:
         return []
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -296,11 +305,26 @@ def sequential_run(
             checkpoint_every,
             extra,
             positions or {},
+            defer,
         )
 
 
+def _snapshot_dir(work_dir: Path, t: int) -> Path:
+    return work_dir / f"milestone-T{t}"
+
+
 def _run_locked(
-    make, records, todo, work_dir, results_dir, fingerprint, evaluate, checkpoint_every, extra, positions
+    make,
+    records,
+    todo,
+    work_dir,
+    results_dir,
+    fingerprint,
+    evaluate,
+    checkpoint_every,
+    extra,
+    positions,
+    defer,
 ):
     progress_path = work_dir / "progress.json"
     progress = json.loads(progress_path.read_text()) if progress_path.exists() else None
@@ -342,20 +366,77 @@ def _run_locked(
                 editor.n_edits,
                 progress["edit_seconds"] / editor.n_edits,
             )
-        t0 = time.perf_counter()
-        cache = work_dir / f"eval-T{t}"  # probes kept as they finish: a stopped evaluation resumes
-        metrics = evaluate(editor, records[:end], cache)
-        result = {
-            "T": t,
-            **metrics,
+        editing = {
             "seconds_per_edit": progress["edit_seconds"] / end,
             "mean_steps": sum(progress["steps"][:end]) / end,
-            "eval_seconds": time.perf_counter() - t0,
-            **(extra or {}),
         }
-        _write_json(milestone_path(results_dir, t), result)
-        shutil.rmtree(cache, ignore_errors=True)
-        logger.info("%s T=%d: %s", results_dir, t, metrics.get("teacher_forced"))
+        if defer:
+            snap = _snapshot_dir(work_dir, t)
+            shutil.rmtree(snap, ignore_errors=True)
+            shutil.copytree(work_dir / "state", snap / "state")
+            _write_json(snap / "milestone.json", {"T": t, "end": end, **editing})  # the copy's commit point
+            logger.info("%s: T=%d kept for evaluation in %s (--eval-deferred measures it)", work_dir, t, snap)
+        else:
+            _evaluate_milestone(
+                editor, records[:end], t, work_dir / f"eval-T{t}", results_dir, evaluate, editing, extra
+            )
+        done.append(t)
+    return done
+
+
+def _evaluate_milestone(editor, records, t, cache, results_dir, evaluate, editing, extra) -> None:
+    """Measure ``editor`` on ``records`` (the first T edits) and write milestone T's result; the evaluation keeps
+    its probes under ``cache`` as they finish (a stopped evaluation resumes) and deletes them once written."""
+    t0 = time.perf_counter()
+    metrics = evaluate(editor, records, cache)
+    result = {"T": t, **metrics, **editing, "eval_seconds": time.perf_counter() - t0, **(extra or {})}
+    _write_json(milestone_path(results_dir, t), result)
+    shutil.rmtree(cache, ignore_errors=True)
+    logger.info("%s T=%d: %s", results_dir, t, metrics.get("teacher_forced"))
+
+
+def evaluate_deferred(
+    make: Callable[[], SequentialEditor],
+    records: Sequence[Any],
+    work_dir: Path,
+    results_dir: Path,
+    *,
+    evaluate: Callable[[SequentialEditor, Sequence[Any], Path], dict[str, Any]],
+    extra: dict[str, Any] | None = None,
+) -> list[int]:
+    """Measure the milestone states that :func:`sequential_run` kept with ``defer`` (oldest first), write their
+    results as an inline evaluation would (same fields; seconds per edit from the editing run) and delete each
+    copy once its result is written. Safe beside the editing process; a copy another evaluator holds is skipped.
+
+    Returns:
+        The milestones evaluated by this call.
+    """
+    done = []
+    snaps = sorted(work_dir.glob("milestone-T*/milestone.json"), key=lambda f: json.loads(f.read_text())["T"])
+    for meta_path in snaps:
+        meta = json.loads(meta_path.read_text())
+        t, snap = meta["T"], meta_path.parent
+        if milestone_path(results_dir, t).exists():
+            shutil.rmtree(snap, ignore_errors=True)
+            continue
+        with open(snap / ".lock", "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                logger.info("%s is being evaluated by another process", snap)
+                continue
+            editor = make()
+            editor.load(snap / "state")
+            if editor.n_edits != meta["end"]:
+                raise ConfigError(
+                    f"{snap}: state holds {editor.n_edits} edits, milestone T={t} needs {meta['end']}"
+                )
+            editor.prepare()
+            editing = {k: meta[k] for k in ("seconds_per_edit", "mean_steps")}
+            _evaluate_milestone(
+                editor, records[: meta["end"]], t, snap / "eval", results_dir, evaluate, editing, extra
+            )
+        shutil.rmtree(snap, ignore_errors=True)
         done.append(t)
     return done
 
@@ -513,6 +594,8 @@ def quality_benchmark(
     max_t: int | None = None,
     command: str | None = None,
     pre_only: bool = False,
+    defer_eval: bool = False,
+    eval_deferred: bool = False,
 ) -> dict[str, list[int]]:
     """Run the configured (method, dataset) runs in order, each up to its ``max_t`` (capped by ``max_t``).
 
@@ -523,6 +606,8 @@ def quality_benchmark(
         command: recorded in each result (default: this process's command line).
         pre_only: only measure the pre-edit model at each run's milestones, applying no edit (a run's own
             evaluation then reads it instead of measuring it; lets it run beside a long editing run).
+        defer_eval: keep a copy of each milestone's state and go on editing (:func:`sequential_run`).
+        eval_deferred: only measure the milestone states kept by ``defer_eval`` (can run beside the editing).
 
     Returns:
         Milestones evaluated by this call, per run name.
@@ -532,6 +617,8 @@ def quality_benchmark(
     from orchestrator.report import memory_cost
     from wise.evaluate import evaluate_records
 
+    if pre_only + defer_eval + eval_deferred > 1:
+        raise ConfigError("choose one of --pre-only, --defer-eval and --eval-deferred")
     unknown = set(only) - {r.name for r in qcfg.runs}
     if unknown:
         raise ConfigError(f"unknown runs {sorted(unknown)}; choose among {[r.name for r in qcfg.runs]}")
@@ -630,6 +717,24 @@ def quality_benchmark(
             evaluated[run.name] = todo
             continue
 
+        run_extra = {
+            **extra,
+            "method": run.method,
+            "kind": spec.kind,
+            "dataset": run.dataset,
+            "settings": fingerprint["settings"],
+        }
+        if eval_deferred:
+            evaluated[run.name] = evaluate_deferred(
+                make,
+                records,
+                work / run.dataset / run.method,
+                results_dir,
+                evaluate=evaluate,
+                extra=run_extra,
+            )
+            continue
+
         logger.info("run %s: milestones %s", run.name, milestones)
         evaluated[run.name] = sequential_run(
             make,
@@ -640,13 +745,8 @@ def quality_benchmark(
             fingerprint=fingerprint,
             evaluate=evaluate,
             checkpoint_every=qcfg.checkpoint_every,
-            extra={
-                **extra,
-                "method": run.method,
-                "kind": spec.kind,
-                "dataset": run.dataset,
-                "settings": fingerprint["settings"],
-            },
+            extra=run_extra,
             positions=stream_positions(records, mixed_ids, milestones) if mixed_ids else None,
+            defer=defer_eval,
         )
     return evaluated

@@ -115,7 +115,13 @@ def _bench_quality(args: argparse.Namespace) -> int:
         qcfg = qcfg.model_copy(update={"output": args.out, "work": str(Path(args.out) / "work")})
     only = [r for r in (args.runs or "").split(",") if r]
     done = quality_benchmark(
-        qcfg, only=only, max_t=args.max_t, command=invoked_command(args.argv), pre_only=args.pre_only
+        qcfg,
+        only=only,
+        max_t=args.max_t,
+        command=invoked_command(args.argv),
+        pre_only=args.pre_only,
+        defer_eval=args.defer_eval,
+        eval_deferred=args.eval_deferred,
     )
     planned = planned_milestones(qcfg)
     report = render_report(qcfg.output, planned)
@@ -324,6 +330,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--pre-only",
         action="store_true",
         help="only measure the pre-edit model at the runs' milestones (no edits; can run beside a long run)",
+    )
+    quality.add_argument(
+        "--defer-eval",
+        action="store_true",
+        help="at each milestone keep a copy of the state and go on editing (--eval-deferred measures it)",
+    )
+    quality.add_argument(
+        "--eval-deferred",
+        action="store_true",
+        help="only measure the milestone states kept by --defer-eval (can run beside the editing, e.g. on "
+        "another core)",
     )
     quality.set_defaults(func=_bench_quality)
     report = bench_sub.add_parser("report", help="render REPORT.md and plots from the results files")

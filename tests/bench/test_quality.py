@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from bench.quality import (
+    evaluate_deferred,
     load_quality_config,
     method_settings,
     milestone_path,
@@ -71,7 +72,7 @@ def _runner(tiny_model, tiny_tokenizer, pool, calls, crash_at=None):
     return make
 
 
-def _run(make, edits, milestones, work, results, fingerprint=None, every=1):
+def _run(make, edits, milestones, work, results, fingerprint=None, every=1, defer=False):
     return sequential_run(
         make,
         edits,
@@ -81,6 +82,7 @@ def _run(make, edits, milestones, work, results, fingerprint=None, every=1):
         fingerprint=fingerprint or {"test": 1},
         evaluate=_evaluate,
         checkpoint_every=every,
+        defer=defer,
     )
 
 
@@ -137,6 +139,33 @@ def test_milestones_equal_independent_runs_and_resume_never_recomputes(
         _run(_runner(tiny_model, tiny_tokenizer, pool, []), edits, [1, 3], w, r, fingerprint={"test": 2})
 
 
+def test_deferred_milestones_are_kept_then_measured_as_the_inline_run_measures_them(
+    tiny_model, tiny_tokenizer, edits, pool, tmp_path
+):
+    inline_w, inline_r, w, r = tmp_path / "iw", tmp_path / "ir", tmp_path / "w", tmp_path / "r"
+    assert _run(_runner(tiny_model, tiny_tokenizer, pool, []), edits, [1, 3], inline_w, inline_r) == [1, 3]
+    # editing with deferred evaluation: each milestone's state is kept, nothing is measured yet
+    calls: list = []
+    assert _run(_runner(tiny_model, tiny_tokenizer, pool, calls), edits, [1, 3], w, r, defer=True) == [1, 3]
+    assert not r.exists() and sorted(p.name for p in w.glob("milestone-T*")) == [
+        "milestone-T1",
+        "milestone-T3",
+    ]
+    # a kept milestone counts as reached: running again, in either mode, edits nothing and loads no model
+    calls.clear()
+    assert _run(_runner(tiny_model, tiny_tokenizer, pool, calls), edits, [1, 3], w, r) == [] and calls == []
+    # the evaluating side (another process in use): results as the inline run's, the copies deleted
+    make = _runner(tiny_model, tiny_tokenizer, pool, calls)
+    assert evaluate_deferred(make, edits, w, r, evaluate=_evaluate, extra={"x": 1}) == [1, 3]
+    assert calls == ["make", "make"]  # one editor per kept state, and no edit applied
+    for t in (1, 3):
+        kept = json.loads(milestone_path(r, t).read_text())
+        inline = json.loads(milestone_path(inline_r, t).read_text())
+        assert kept["per_edit"] == inline["per_edit"] and kept["teacher_forced"] == inline["teacher_forced"]
+        assert kept["T"] == t and kept["x"] == 1 and kept["seconds_per_edit"] > 0 and kept["eval_seconds"] > 0
+    assert not list(w.glob("milestone-T*")) and evaluate_deferred(make, edits, w, r, evaluate=_evaluate) == []
+
+
 def test_shipped_benchmark_config_is_valid():
     path = ROOT / "configs" / "bench" / "quality.yaml"
     assert path.read_text().startswith("# wisestream bench quality")
@@ -158,6 +187,11 @@ def test_shipped_benchmark_config_is_valid():
     assert smoke.milestones == (1, 2) and all(r.max_t == 2 for r in smoke.runs)
     # the long run is left out of the smoke run
     assert {r.name for r in smoke.runs} == set(runs) - {"keyed/counterfact-long"}
+    # editing with deferred evaluation and measuring the deferred milestones are separate invocations
+    from bench.quality import quality_benchmark
+
+    with pytest.raises(ConfigError, match="choose one of"):
+        quality_benchmark(cfg, defer_eval=True, eval_deferred=True)
 
 
 def test_a_dataset_shorter_than_a_milestone_ends_at_its_last_valid_edit(tmp_path):
