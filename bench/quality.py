@@ -374,7 +374,9 @@ def _run_locked(
             snap = _snapshot_dir(work_dir, t)
             shutil.rmtree(snap, ignore_errors=True)
             shutil.copytree(work_dir / "state", snap / "state")
-            _write_json(snap / "milestone.json", {"T": t, "end": end, **editing})  # the copy's commit point
+            # the copy's commit point; the result will name the command that edited as well as the one that measured
+            meta = {"T": t, "end": end, **editing, "edit_command": (extra or {}).get("command")}
+            _write_json(snap / "milestone.json", meta)
             logger.info("%s: T=%d kept for evaluation in %s (--eval-deferred measures it)", work_dir, t, snap)
         else:
             _evaluate_milestone(
@@ -432,7 +434,7 @@ def evaluate_deferred(
                     f"{snap}: state holds {editor.n_edits} edits, milestone T={t} needs {meta['end']}"
                 )
             editor.prepare()
-            editing = {k: meta[k] for k in ("seconds_per_edit", "mean_steps")}
+            editing = {k: meta[k] for k in ("seconds_per_edit", "mean_steps", "edit_command") if k in meta}
             _evaluate_milestone(
                 editor, records[: meta["end"]], t, snap / "eval", results_dir, evaluate, editing, extra
             )

@@ -163,6 +163,7 @@ def test_deferred_milestones_are_kept_then_measured_as_the_inline_run_measures_t
         inline = json.loads(milestone_path(inline_r, t).read_text())
         assert kept["per_edit"] == inline["per_edit"] and kept["teacher_forced"] == inline["teacher_forced"]
         assert kept["T"] == t and kept["x"] == 1 and kept["seconds_per_edit"] > 0 and kept["eval_seconds"] > 0
+        assert kept["edit_command"] is None  # the editing run's command (none given here)
     assert not list(w.glob("milestone-T*")) and evaluate_deferred(make, edits, w, r, evaluate=_evaluate) == []
 
 
