@@ -6,33 +6,29 @@ first T edits are evaluated on the editor's state as it is, which is the state a
 with (WISE's partial last shard is routable, as in the job's final state; evaluation changes nothing), so the
 run goes on from there. A test compares both, tensor by tensor and metric by metric.
 
-Runs are resumable: the editor state (safetensors + JSON) and ``progress.json`` are written every
-``checkpoint_every`` edits and at each milestone, and a milestone's result file is its commit point. The same
-command again continues from the last checkpoint and never recomputes a finished milestone.
+Runs are resumable (:mod:`bench.milestones`): the same command again continues from the last checkpoint and never
+recomputes a finished milestone.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import platform
 import shlex
-import shutil
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from bench.milestones import SequentialEditor, evaluate_deferred, sequential_run, write_json
 from orchestrator.config import ConfigError, ModelConfig, build_config, load_config
 from wise.config import FrozenConfig
-from wise.state import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -169,25 +165,6 @@ def yaml_load(path: str | Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- editors
-class SequentialEditor(Protocol):
-    """What a run needs from an editor (WiseEditor and the baselines all offer it)."""
-
-    model: torch.nn.Module
-    routed: Any
-    tokens: Any
-
-    @property
-    def n_edits(self) -> int: ...
-
-    def prepare(self) -> None: ...
-
-    def apply(self, edits: Sequence[Any]) -> list[Any]: ...
-
-    def save(self, directory: str | Path) -> Path: ...
-
-    def load(self, directory: str | Path) -> None: ...
-
-
 def method_settings(spec: MethodSpec, smoke: bool = False) -> BaseModel:
     """The validated config object of a method (WiseConfig, FTLConfig or GraceConfig); ``smoke`` applies the
     CI-sized WISE settings of its layout.
@@ -229,218 +206,6 @@ def make_editor(
     if kind == "grace":
         return GraceEditor(model, tokenizer, settings, irrelevant=irrelevant)
     return FTLEditor(model, tokenizer, settings)
-
-
-# ---------------------------------------------------------------------------------------------- one run
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda p: Path(p).write_text(json.dumps(obj, indent=1) + "\n"))
-
-
-def milestone_path(results_dir: Path, t: int) -> Path:
-    return results_dir / f"T{t}.json"
-
-
-def sequential_run(
-    make: Callable[[], SequentialEditor],
-    records: Sequence[Any],
-    milestones: Sequence[int],
-    work_dir: Path,
-    results_dir: Path,
-    *,
-    fingerprint: dict[str, Any],
-    evaluate: Callable[[SequentialEditor, Sequence[Any], Path], dict[str, Any]],
-    checkpoint_every: int = 10,
-    extra: dict[str, Any] | None = None,
-    positions: dict[int, int] | None = None,
-    defer: bool = False,
-) -> list[int]:
-    """Apply ``records`` in order, evaluating the first T edits at each milestone T, resumably.
-
-    Args:
-        make: builds a fresh editor (the model is loaded only when some milestone is left to do).
-        records: the stream, at least ``max(milestones)`` long.
-        milestones: increasing T's to evaluate.
-        work_dir: where the editor state and ``progress.json`` live.
-        results_dir: where ``T{t}.json`` results go (a finished milestone is never recomputed).
-        fingerprint: what the state depends on (method settings, data, model); a resumed state written with
-            another fingerprint is refused.
-        evaluate: metrics of an editor on records; its third argument is a directory where it may keep partial
-            results of that milestone (deleted once the milestone's result is written).
-        checkpoint_every: edits between state checkpoints.
-        extra: fields added to every result (command, machine).
-        positions: where milestone T lies in ``records`` when other records are mixed in (default T).
-        defer: at each milestone keep a copy of the state (``milestone-T<t>/``) and go on editing;
-            :func:`evaluate_deferred` measures the copies, e.g. in a second process on another core. A milestone
-            with such a copy counts as reached, in either mode.
-
-    Returns:
-        The milestones evaluated by this call (with ``defer``: kept for evaluation).
-
-    Raises:
-        ConfigError: the state in ``work_dir`` belongs to other settings, or lies past an unfinished milestone.
-    """
-    todo = [
-        t
-        for t in milestones
-        if not milestone_path(results_dir, t).exists()
-        and not (_snapshot_dir(work_dir, t) / "milestone.json").exists()
-    ]
-    if not todo:
-        return []
-    work_dir.mkdir(parents=True, exist_ok=True)
-    with open(work_dir / ".lock", "w") as lock:
-        try:  # one process per run: a second command on the same run stops instead of corrupting its state
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(f"{work_dir} is being run by another process") from None
-        return _run_locked(
-            make,
-            records,
-            todo,
-            work_dir,
-            results_dir,
-            fingerprint,
-            evaluate,
-            checkpoint_every,
-            extra,
-            positions or {},
-            defer,
-        )
-
-
-def _snapshot_dir(work_dir: Path, t: int) -> Path:
-    return work_dir / f"milestone-T{t}"
-
-
-def _run_locked(
-    make,
-    records,
-    todo,
-    work_dir,
-    results_dir,
-    fingerprint,
-    evaluate,
-    checkpoint_every,
-    extra,
-    positions,
-    defer,
-):
-    progress_path = work_dir / "progress.json"
-    progress = json.loads(progress_path.read_text()) if progress_path.exists() else None
-    if progress is not None and progress["fingerprint"] != fingerprint:
-        raise ConfigError(f"{work_dir} holds a run with other settings: delete it to start over")
-    editor = make()
-    if (
-        progress is not None
-    ):  # loading first: the state holds templates and margins, prepare() then skips them
-        editor.load(work_dir / "state")
-        if editor.n_edits != progress["applied"]:
-            raise ConfigError(
-                f"{work_dir}: state holds {editor.n_edits} edits, progress says {progress['applied']}"
-            )
-        logger.info("resuming %s at %d edits", work_dir, editor.n_edits)
-    else:
-        progress = {"fingerprint": fingerprint, "applied": 0, "edit_seconds": 0.0, "steps": []}
-    editor.prepare()  # one-time setup outside the timed edits
-    done = []
-    for t in todo:
-        end = positions.get(t, t)
-        if editor.n_edits > end:
-            raise ConfigError(
-                f"{work_dir}: state has {editor.n_edits} edits, past milestone T={t}: delete it"
-            )
-        while editor.n_edits < end:
-            n = editor.n_edits
-            upto = min(end, (n // checkpoint_every + 1) * checkpoint_every)
-            t0 = time.perf_counter()
-            outcomes = editor.apply(records[n:upto])
-            progress["edit_seconds"] += time.perf_counter() - t0
-            progress["steps"] += [o.steps for o in outcomes]
-            progress["applied"] = editor.n_edits
-            editor.save(work_dir / "state")
-            _write_json(progress_path, progress)  # after the state: a crash between them resumes the state
-            logger.info(
-                "%s: %d edits, %.2f s/edit",
-                work_dir,
-                editor.n_edits,
-                progress["edit_seconds"] / editor.n_edits,
-            )
-        editing = {
-            "seconds_per_edit": progress["edit_seconds"] / end,
-            "mean_steps": sum(progress["steps"][:end]) / end,
-        }
-        if defer:
-            snap = _snapshot_dir(work_dir, t)
-            shutil.rmtree(snap, ignore_errors=True)
-            shutil.copytree(work_dir / "state", snap / "state")
-            # the copy's commit point; the result will name the command that edited as well as the one that measured
-            meta = {"T": t, "end": end, **editing, "edit_command": (extra or {}).get("command")}
-            _write_json(snap / "milestone.json", meta)
-            logger.info("%s: T=%d kept for evaluation in %s (--eval-deferred measures it)", work_dir, t, snap)
-        else:
-            _evaluate_milestone(
-                editor, records[:end], t, work_dir / f"eval-T{t}", results_dir, evaluate, editing, extra
-            )
-        done.append(t)
-    return done
-
-
-def _evaluate_milestone(editor, records, t, cache, results_dir, evaluate, editing, extra) -> None:
-    """Measure ``editor`` on ``records`` (the first T edits) and write milestone T's result; the evaluation keeps
-    its probes under ``cache`` as they finish (a stopped evaluation resumes) and deletes them once written."""
-    t0 = time.perf_counter()
-    metrics = evaluate(editor, records, cache)
-    result = {"T": t, **metrics, **editing, "eval_seconds": time.perf_counter() - t0, **(extra or {})}
-    _write_json(milestone_path(results_dir, t), result)
-    shutil.rmtree(cache, ignore_errors=True)
-    logger.info("%s T=%d: %s", results_dir, t, metrics.get("teacher_forced"))
-
-
-def evaluate_deferred(
-    make: Callable[[], SequentialEditor],
-    records: Sequence[Any],
-    work_dir: Path,
-    results_dir: Path,
-    *,
-    evaluate: Callable[[SequentialEditor, Sequence[Any], Path], dict[str, Any]],
-    extra: dict[str, Any] | None = None,
-) -> list[int]:
-    """Measure the milestone states that :func:`sequential_run` kept with ``defer`` (oldest first), write their
-    results as an inline evaluation would (same fields; seconds per edit from the editing run) and delete each
-    copy once its result is written. Safe beside the editing process; a copy another evaluator holds is skipped.
-
-    Returns:
-        The milestones evaluated by this call.
-    """
-    done = []
-    snaps = sorted(work_dir.glob("milestone-T*/milestone.json"), key=lambda f: json.loads(f.read_text())["T"])
-    for meta_path in snaps:
-        meta = json.loads(meta_path.read_text())
-        t, snap = meta["T"], meta_path.parent
-        if milestone_path(results_dir, t).exists():
-            shutil.rmtree(snap, ignore_errors=True)
-            continue
-        with open(snap / ".lock", "w") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                logger.info("%s is being evaluated by another process", snap)
-                continue
-            editor = make()
-            editor.load(snap / "state")
-            if editor.n_edits != meta["end"]:
-                raise ConfigError(
-                    f"{snap}: state holds {editor.n_edits} edits, milestone T={t} needs {meta['end']}"
-                )
-            editor.prepare()
-            editing = {k: meta[k] for k in ("seconds_per_edit", "mean_steps", "edit_command") if k in meta}
-            _evaluate_milestone(
-                editor, records[: meta["end"]], t, snap / "eval", results_dir, evaluate, editing, extra
-            )
-        shutil.rmtree(snap, ignore_errors=True)
-        done.append(t)
-    return done
 
 
 # ---------------------------------------------------------------------------------------------- the suite
@@ -572,7 +337,7 @@ def _digest(obj: Any) -> str:
 def serving_cost(editor, records: Sequence[Any], repeats: int = 5) -> dict[str, Any] | None:
     """What this state costs a served forward pass: routed over main-only time, minus one, at prefill and at
     decode (route held), timed as ``bench scale`` times synthetic states, on the run's first 64 edit prompts.
-    None for a router that cannot hold a route (the shards layout's per-token routing)."""
+    None for a router without ``hold_route`` or without records."""
     from bench.scale import routing_overhead
 
     if getattr(editor.routed, "hold_route", None) is None or not records:
@@ -678,7 +443,7 @@ def quality_benchmark(
                 cache=cache,
             )
             pre = {k: pre[k] for k in ("teacher_forced", "generate") if k in pre}
-            _write_json(pre_path, {"T": len(recs), **pre, **extra})
+            write_json(pre_path, {"T": len(recs), **pre, **extra})
             return pre
 
         def evaluate(

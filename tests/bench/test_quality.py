@@ -7,15 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.quality import (
-    evaluate_deferred,
-    load_quality_config,
-    method_settings,
-    milestone_path,
-    plan_run,
-    planned_milestones,
-    sequential_run,
-)
+from bench.milestones import evaluate_deferred, milestone_path, sequential_run
+from bench.quality import load_quality_config, method_settings, plan_run, planned_milestones
 from orchestrator.config import ConfigError
 from wise.config import WiseConfig
 from wise.editor import WiseEditor
