@@ -397,8 +397,8 @@ def evaluate_records(
         generate: also compute the free-generation variants.
         progress: log each pass (probes, seconds) at INFO instead of DEBUG, for long evaluations.
         cache: a directory where the probes of each ``chunk`` records are kept as they finish (named by the
-            slice's position and record ids), so that a long evaluation stopped part-way resumes there; the
-            caller deletes it when the model changes.
+            slice's position and record ids), so that a long evaluation stopped part-way resumes there; one
+            directory per model state and ``main_only``, which the caller deletes when the model changes.
         chunk: records per cached slice.
 
     Returns:
