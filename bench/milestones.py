@@ -10,12 +10,13 @@ finish, so a long one stopped part-way resumes too.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -104,43 +105,50 @@ def sequential_run(
     if not todo:
         return []
     work_dir.mkdir(parents=True, exist_ok=True)
-    with open(work_dir / ".lock", "w") as lock:
-        try:  # one process per run: a second command on the same run stops instead of corrupting its state
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with _exclusive(work_dir / ".lock") as held:
+        if not held:  # one process per run: a second command on the same run stops instead of corrupting it
+            raise ConfigError(f"{work_dir} is being run by another process")
+        editor, progress = _resume(make, work_dir, fingerprint)
+        done = []
+        for t in todo:
+            end = (positions or {}).get(t, t)
+            if editor.n_edits > end:
+                raise ConfigError(
+                    f"{work_dir}: state has {editor.n_edits} edits, past milestone T={t}: delete it"
+                )
+            _edit_until(editor, records, end, progress, work_dir, checkpoint_every)
+            editing = {
+                "seconds_per_edit": progress["edit_seconds"] / end,
+                "mean_steps": sum(progress["steps"][:end]) / end,
+            }
+            if defer:
+                _keep_copy(work_dir, t, end, {**editing, "edit_command": (extra or {}).get("command")})
+            else:
+                cache = work_dir / f"eval-T{t}"
+                _evaluate_milestone(editor, records[:end], t, cache, results_dir, evaluate, editing, extra)
+            done.append(t)
+        return done
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[bool]:
+    """Hold an exclusive lock on ``path`` for the block; yields False (without waiting) when another process
+    holds it."""
+    with open(path, "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ConfigError(f"{work_dir} is being run by another process") from None
-        return _run_locked(
-            make,
-            records,
-            todo,
-            work_dir,
-            results_dir,
-            fingerprint,
-            evaluate,
-            checkpoint_every,
-            extra,
-            positions or {},
-            defer,
-        )
+            yield False
+            return
+        yield True
 
 
 def _snapshot_dir(work_dir: Path, t: int) -> Path:
     return work_dir / f"milestone-T{t}"
 
 
-def _run_locked(
-    make,
-    records,
-    todo,
-    work_dir,
-    results_dir,
-    fingerprint,
-    evaluate,
-    checkpoint_every,
-    extra,
-    positions,
-    defer,
-):
+def _resume(make, work_dir: Path, fingerprint: dict[str, Any]) -> tuple[SequentialEditor, dict[str, Any]]:
+    """A prepared editor holding the run's checkpointed state (none: a fresh one), and the run's progress."""
     progress_path = work_dir / "progress.json"
     progress = json.loads(progress_path.read_text()) if progress_path.exists() else None
     if progress is not None and progress["fingerprint"] != fingerprint:
@@ -158,47 +166,37 @@ def _run_locked(
     else:
         progress = {"fingerprint": fingerprint, "applied": 0, "edit_seconds": 0.0, "steps": []}
     editor.prepare()  # one-time setup outside the timed edits
-    done = []
-    for t in todo:
-        end = positions.get(t, t)
-        if editor.n_edits > end:
-            raise ConfigError(
-                f"{work_dir}: state has {editor.n_edits} edits, past milestone T={t}: delete it"
-            )
-        while editor.n_edits < end:
-            n = editor.n_edits
-            upto = min(end, (n // checkpoint_every + 1) * checkpoint_every)
-            t0 = time.perf_counter()
-            outcomes = editor.apply(records[n:upto])
-            progress["edit_seconds"] += time.perf_counter() - t0
-            progress["steps"] += [o.steps for o in outcomes]
-            progress["applied"] = editor.n_edits
-            editor.save(work_dir / "state")
-            write_json(progress_path, progress)  # after the state: a crash between them resumes the state
-            logger.info(
-                "%s: %d edits, %.2f s/edit",
-                work_dir,
-                editor.n_edits,
-                progress["edit_seconds"] / editor.n_edits,
-            )
-        editing = {
-            "seconds_per_edit": progress["edit_seconds"] / end,
-            "mean_steps": sum(progress["steps"][:end]) / end,
-        }
-        if defer:
-            snap = _snapshot_dir(work_dir, t)
-            shutil.rmtree(snap, ignore_errors=True)
-            shutil.copytree(work_dir / "state", snap / "state")
-            # the copy's commit point; the result will name the command that edited as well as the one that measured
-            meta = {"T": t, "end": end, **editing, "edit_command": (extra or {}).get("command")}
-            write_json(snap / "milestone.json", meta)
-            logger.info("%s: T=%d kept for evaluation in %s (--eval-deferred measures it)", work_dir, t, snap)
-        else:
-            _evaluate_milestone(
-                editor, records[:end], t, work_dir / f"eval-T{t}", results_dir, evaluate, editing, extra
-            )
-        done.append(t)
-    return done
+    return editor, progress
+
+
+def _edit_until(
+    editor, records, end: int, progress: dict[str, Any], work_dir: Path, checkpoint_every: int
+) -> None:
+    """Apply ``records`` up to position ``end``, checkpointing the state and ``progress`` every
+    ``checkpoint_every`` edits (the state first: a crash between them resumes the state)."""
+    while editor.n_edits < end:
+        n = editor.n_edits
+        upto = min(end, (n // checkpoint_every + 1) * checkpoint_every)
+        t0 = time.perf_counter()
+        outcomes = editor.apply(records[n:upto])
+        progress["edit_seconds"] += time.perf_counter() - t0
+        progress["steps"] += [o.steps for o in outcomes]
+        progress["applied"] = editor.n_edits
+        editor.save(work_dir / "state")
+        write_json(work_dir / "progress.json", progress)
+        logger.info(
+            "%s: %d edits, %.2f s/edit", work_dir, editor.n_edits, progress["edit_seconds"] / editor.n_edits
+        )
+
+
+def _keep_copy(work_dir: Path, t: int, end: int, editing: dict[str, Any]) -> None:
+    """Copy the state at milestone T for :func:`evaluate_deferred`; ``milestone.json`` is the copy's commit point
+    and carries the editing run's figures (seconds per edit, steps, its command) into the result."""
+    snap = _snapshot_dir(work_dir, t)
+    shutil.rmtree(snap, ignore_errors=True)
+    shutil.copytree(work_dir / "state", snap / "state")
+    write_json(snap / "milestone.json", {"T": t, "end": end, **editing})
+    logger.info("%s: T=%d kept for evaluation in %s (--eval-deferred measures it)", work_dir, t, snap)
 
 
 def _evaluate_milestone(editor, records, t, cache, results_dir, evaluate, editing, extra) -> None:
@@ -229,17 +227,14 @@ def evaluate_deferred(
         The milestones evaluated by this call.
     """
     done = []
-    snaps = sorted(work_dir.glob("milestone-T*/milestone.json"), key=lambda f: json.loads(f.read_text())["T"])
-    for meta_path in snaps:
-        meta = json.loads(meta_path.read_text())
-        t, snap = meta["T"], meta_path.parent
+    kept = [(json.loads(f.read_text()), f.parent) for f in work_dir.glob("milestone-T*/milestone.json")]
+    for meta, snap in sorted(kept, key=lambda k: k[0]["T"]):
+        t = meta["T"]
         if milestone_path(results_dir, t).exists():
             shutil.rmtree(snap, ignore_errors=True)
             continue
-        with open(snap / ".lock", "w") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+        with _exclusive(snap / ".lock") as held:
+            if not held:
                 logger.info("%s is being evaluated by another process", snap)
                 continue
             editor = make()
