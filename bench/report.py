@@ -26,6 +26,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from bench.report_age import age_table
 from bench.report_cost import (
     COST_HEADERS,
     memory_cells,
@@ -454,6 +455,16 @@ def render_report(results: str | Path, planned: dict[str, list[int]] | None = No
                 "evaluation s is the time the milestone's measurement took:",
                 "",
                 *cost,
+                "",
+            ]
+        ages = age_table({m: quality[dataset][m] for m in _methods(quality[dataset])})
+        if ages:
+            lines += [
+                "Retention by the age of an edit: each row is the state after T edits, each column the edits "
+                "made between two milestones (Rel / Gen / Loc, teacher-forced, over those edits only). Down a "
+                "column, what later edits did to earlier ones; along a row, old edits against recent ones:",
+                "",
+                *ages,
                 "",
             ]
         lines += [f"![{dataset}]({png.name})", ""]

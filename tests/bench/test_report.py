@@ -237,6 +237,27 @@ def test_each_milestone_with_a_timed_state_gets_its_cost_row(tmp_path):
     )
 
 
+def _edits(rel: list[float], gen: float = 0.5) -> list[dict]:
+    return [
+        {"id": f"e{i}", "reliability": r, "generalization": gen, "locality": 1.0} for i, r in enumerate(rel)
+    ]
+
+
+def test_retention_by_age_separates_old_edits_from_recent_ones(tmp_path):
+    # T=10: all ten edits took; T=20: five of the first ten were forgotten, the ten recent ones hold
+    _quality(tmp_path, "cf", "keyed", 1, per_edit=_edits([1.0]))  # under 10 edits: left out
+    _quality(tmp_path, "cf", "keyed", 10, per_edit=_edits([1.0] * 10))
+    _quality(tmp_path, "cf", "keyed", 20, per_edit=_edits([1.0, 0.0] * 5 + [1.0] * 10, gen=0.25))
+    _quality(tmp_path, "cf", "grace", 20, per_edit=_edits([1.0] * 20))  # one milestone: no row
+    _quality(tmp_path, "zsre", "keyed", 20, per_edit=_edits([1.0] * 20))  # one milestone: no table
+    report = render_report(tmp_path).read_text()
+    assert "| method | T | edits 0-9 | edits 10-19 |" in report
+    assert "| keyed | 10 | 1.00 / 0.500 / 1.00 | – |" in report
+    assert "| keyed | 20 | 0.500 / 0.250 / 1.00 | 1.00 / 0.250 / 1.00 |" in report
+    assert "| grace | 20 |" not in report.split("Retention by the age")[1]
+    assert report.count("Retention by the age") == 1
+
+
 def test_report_renders_cost_at_scale_from_scale_json(tmp_path):
     def row(layout, t, nbytes, overhead, retention=None):
         return {
