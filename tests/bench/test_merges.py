@@ -54,6 +54,7 @@ def test_trace_refuses_zero_probes(monkeypatch):
 
 
 @pytest.mark.model
+@pytest.mark.slow
 def test_trace_of_two_merges_on_the_real_model(monkeypatch, tmp_path):
     from wisestream.cli import main
 

@@ -50,6 +50,7 @@ def test_engine_stages_account_for_its_seconds(job_files):
     assert res["steps_per_edit"] == 8  # early_stop_loss 0: every edit runs n_iter steps
 
 
+@pytest.mark.slow  # a benchmark command that runs the whole job beside its engine
 def test_profile_command_runs_the_job_beside_the_engine(job_files, ray_local, tmp_path, capsys):
     from wisestream.cli import main
 

@@ -228,32 +228,34 @@ def test_a_dataset_shorter_than_a_milestone_ends_at_its_last_valid_edit(tmp_path
         plan_run(cfg, run)
 
 
-@pytest.mark.model
-def test_smoke_benchmark_runs_end_to_end(tmp_path):
+SMOKE_METHODS = ("keyed", "wise-retrieve", "wise-merge", "ft-l", "grace")
+ROUTED = ("keyed", "wise-retrieve", "wise-merge")  # methods with a side memory: a served forward is timed
+
+
+def _smoke(out, datasets: tuple[str, ...], methods: tuple[str, ...], runs: list[str]) -> None:
+    """``bench quality --smoke`` through the CLI: the pre-edit model alone first, then the runs, then the report;
+    every (dataset, method) result at T = 2 beats the pre-edit model's reliability and reuses its probes."""
     from wisestream.cli import main
 
-    out = tmp_path / "results"
+    only = ["--runs", ",".join(runs)] if runs else []
     # the pre-edit model alone first (what can run beside a long editing run): no edit, no method result
-    assert main(["bench", "quality", "--smoke", "--pre-only", "--out", str(out)]) == 0
+    assert main(["bench", "quality", "--smoke", "--pre-only", *only, "--out", str(out)]) == 0
     pre_files = sorted((out / "quality").glob("*/pre/T*.json"))
     assert [f"{p.parent.parent.name}/{p.name}" for p in pre_files] == [
-        "counterfact/T1.json",
-        "counterfact/T2.json",
-        "zsre/T1.json",
-        "zsre/T2.json",
+        f"{d}/T{t}.json" for d in sorted(datasets) for t in (1, 2)
     ]
-    assert not list((out / "quality").glob("*/wise-*"))
+    assert not list((out / "quality").glob("*/wise-*")) and not list((out / "quality").glob("*/keyed"))
     # no editor state, only the pre-edit probes kept per slice of records (the runs' milestones reuse them)
     assert {p.name.rsplit("-", 1)[0] for p in (out / "work").glob("*/*")} == {"pre-probes"}
-    assert len(list((out / "work").glob("*/pre-probes-*/*.json"))) == 2 * 2  # T=1 and T=2 per dataset
+    assert len(list((out / "work").glob("*/pre-probes-*/*.json"))) == 2 * len(datasets)  # T=1 and T=2
     pre_text = {p: p.read_text() for p in pre_files}
     assert all("--pre-only" in json.loads(t)["command"] for t in pre_text.values())
-    assert main(["bench", "quality", "--smoke", "--out", str(out)]) == 0
+    assert main(["bench", "quality", "--smoke", *only, "--out", str(out)]) == 0
     assert {p: p.read_text() for p in pre_files} == pre_text  # the runs read them, never measure them again
     report = (out / "REPORT.md").read_text()
-    for dataset in ("zsre", "counterfact"):
+    for dataset in datasets:
         assert (out / f"retention_{dataset}.png").stat().st_size > 10_000
-        for method in ("keyed", "wise-retrieve", "wise-merge", "ft-l", "grace"):
+        for method in methods:
             assert f"| {method} | 2 |" in report
             r = json.loads((out / "quality" / dataset / method / "T2.json").read_text())
             assert r["T"] == 2 and r["command"].startswith("wisestream bench quality --smoke")
@@ -264,8 +266,21 @@ def test_smoke_benchmark_runs_end_to_end(tmp_path):
             )
             assert tf["reliability"] > pre["reliability"], (dataset, method, tf, pre)
             assert 0.0 <= tf["locality"] <= 1.0 and r["seconds_per_edit"] > 0
-            if method in ("keyed", "wise-retrieve", "wise-merge"):  # a served forward timed on the state
+            if method in ROUTED:
                 serving = r["serving"]
                 assert serving["prefill_main_seconds"] > 0 and serving["decode_main_seconds"] > 0
                 assert serving["prefill"] > -1.0 and serving["repeats"] == 5
     assert "## Serving" in report and "## Speed" in report
+
+
+@pytest.mark.model
+def test_smoke_of_the_default_layout_runs_end_to_end(tmp_path):
+    _smoke(tmp_path / "results", ("counterfact",), ("keyed",), ["keyed/counterfact"])
+    # only the selected run: no other method's result
+    assert [p.name for p in (tmp_path / "results" / "quality").glob("*/*") if p.name != "pre"] == ["keyed"]
+
+
+@pytest.mark.model
+@pytest.mark.slow
+def test_smoke_benchmark_runs_every_method_end_to_end(tmp_path):
+    _smoke(tmp_path / "results", ("counterfact", "zsre"), SMOKE_METHODS, [])

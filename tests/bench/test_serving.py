@@ -108,6 +108,7 @@ def test_requests_alternate_edit_prompts_naming_a_subject_and_unrelated_ones(key
         select_requests(["The weather today is"], other, 4, matches)
 
 
+@pytest.mark.slow  # a real vLLM engine timed twice; tests/serving covers the engine in the default suite
 def test_bench_serving_cli_on_a_keyed_state(keyed_state, tmp_path):
     model_dir, state, data = keyed_state
     out = tmp_path / "serving.json"

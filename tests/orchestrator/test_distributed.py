@@ -74,7 +74,10 @@ def test_one_editor_equals_the_single_process_engine(reference, job_files, tiny_
     _assert_same_state((tensors, meta), ed.state_dict())
 
 
-@pytest.mark.parametrize("editors,per_editor", [(2, 1), (1, 3)])
+@pytest.mark.parametrize(
+    "editors,per_editor",
+    [(2, 1), pytest.param(1, 3, marks=pytest.mark.slow)],  # 2 x 1 in the default suite
+)
 def test_parallel_and_batched_shards_give_the_same_state(reference, job_files, tmp_path, editors, per_editor):
     ref_out, _ = reference
     out = tmp_path / f"run-{editors}-{per_editor}"
@@ -195,6 +198,7 @@ def test_an_editor_killed_mid_shard_is_replaced_and_nothing_is_lost(
     _assert_same_state(_state(out), _state(slow_reference), atol=1e-5)
 
 
+@pytest.mark.slow  # a benchmark command: the states it compares are the ones test_parallel_and_batched checks
 def test_shards_benchmark_prints_edits_per_second_per_layout_and_equal_states(ray_local, job_files, capsys):
     from wisestream.cli import main
 
