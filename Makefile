@@ -87,7 +87,7 @@ bench: model
 	$(PY) -m wisestream bench scale --ts 100,1000,10000 --compare configs/wise-2edit.yaml --out benchmarks/results/scale.json
 	$(PY) -m wisestream bench report
 
-# a few minutes: T = 1, 2 with few steps, under benchmarks/smoke/ (what CI runs)
+# a few minutes: T = 1, 2 with few steps, under benchmarks/smoke/ (make test runs its keyed/counterfact run)
 bench-smoke: model
 	$(PY) -m wisestream bench quality --smoke
 
