@@ -84,6 +84,7 @@ bench: model
 	$(PY) -m wisestream run configs/default.yaml
 	$(PY) -m wisestream bench serving --checkpoint runs/default --out benchmarks/results/serving.json
 	$(PY) -m wisestream bench quality
+	$(PY) -m wisestream bench gate
 	$(PY) -m wisestream bench scale --ts 100,1000,10000 --compare configs/wise-2edit.yaml --out benchmarks/results/scale.json
 	$(PY) -m wisestream bench report
 

@@ -108,7 +108,7 @@ def sequential_run(
     with _exclusive(work_dir / ".lock") as held:
         if not held:  # one process per run: a second command on the same run stops instead of corrupting it
             raise ConfigError(f"{work_dir} is being run by another process")
-        editor, progress = _resume(make, work_dir, fingerprint)
+        editor, progress = resume_editor(make, work_dir, fingerprint)
         done = []
         for t in todo:
             end = (positions or {}).get(t, t)
@@ -116,7 +116,7 @@ def sequential_run(
                 raise ConfigError(
                     f"{work_dir}: state has {editor.n_edits} edits, past milestone T={t}: delete it"
                 )
-            _edit_until(editor, records, end, progress, work_dir, checkpoint_every)
+            edit_until(editor, records, end, progress, work_dir, checkpoint_every)
             editing = {
                 "seconds_per_edit": progress["edit_seconds"] / end,
                 "mean_steps": sum(progress["steps"][:end]) / end,
@@ -147,7 +147,9 @@ def _snapshot_dir(work_dir: Path, t: int) -> Path:
     return work_dir / f"milestone-T{t}"
 
 
-def _resume(make, work_dir: Path, fingerprint: dict[str, Any]) -> tuple[SequentialEditor, dict[str, Any]]:
+def resume_editor(
+    make, work_dir: Path, fingerprint: dict[str, Any]
+) -> tuple[SequentialEditor, dict[str, Any]]:
     """A prepared editor holding the run's checkpointed state (none: a fresh one), and the run's progress."""
     progress_path = work_dir / "progress.json"
     progress = json.loads(progress_path.read_text()) if progress_path.exists() else None
@@ -169,7 +171,7 @@ def _resume(make, work_dir: Path, fingerprint: dict[str, Any]) -> tuple[Sequenti
     return editor, progress
 
 
-def _edit_until(
+def edit_until(
     editor, records, end: int, progress: dict[str, Any], work_dir: Path, checkpoint_every: int
 ) -> None:
     """Apply ``records`` up to position ``end``, checkpointing the state and ``progress`` every

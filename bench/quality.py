@@ -158,7 +158,12 @@ def load_quality_config(path: str | Path, smoke: bool = False) -> QualityConfig:
 def yaml_load(path: str | Path) -> dict[str, Any]:
     import yaml
 
-    data = yaml.safe_load(Path(path).read_text())
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data
@@ -330,6 +335,11 @@ def model_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
 
 
+def pre_probes_dir(work: Path, dataset: str, model: ModelConfig) -> Path:
+    """Where the pre-edit model's probes of a dataset's records are kept (one directory per model)."""
+    return work / dataset / f"pre-probes-{_digest(model.model_dump())}"
+
+
 def _digest(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -423,7 +433,7 @@ def quality_benchmark(
         pre_dir = out / "quality" / run.dataset / "pre"
 
         # the pre-edit model's probes of each slice of records, kept for every later milestone of the dataset
-        pre_cache = work / run.dataset / f"pre-probes-{_digest(fingerprint['model'])}"
+        pre_cache = pre_probes_dir(work, run.dataset, qcfg.model)
 
         def pre_edit(editor, recs, pre_dir=pre_dir, cache=pre_cache):
             """The pre-edit model's metrics on ``recs`` (the edited layer's main weight alone: the same for every

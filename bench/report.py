@@ -13,6 +13,8 @@ Inputs under the results directory:
   :mod:`bench.report_cost`); without it the section says it has not been measured.
 - ``engines.json`` and ``profile.json``: ``wisestream bench engines --out ...`` and ``wisestream bench profile
   --out ...`` (seconds per edit by editor and by stage, the job against its engine; :mod:`bench.report_speed`).
+- ``gate.json``: ``wisestream bench gate`` (the keyed relation gate's development sweep and test runs;
+  :mod:`bench.report_gate`); the section is left out when there is none.
 
 Every retention number stands beside its cost: the quality tables carry bytes per edit and memory as a share of
 the model from each result's ``memory`` block (an en dash where a result has none).
@@ -34,6 +36,7 @@ from bench.report_cost import (
     scale_section,
     scale_table,
 )
+from bench.report_gate import gate_section
 from bench.report_speed import edit_speed_section
 from orchestrator.report import format_number
 
@@ -468,6 +471,7 @@ def render_report(results: str | Path, planned: dict[str, list[int]] | None = No
                 "",
             ]
         lines += [f"![{dataset}]({png.name})", ""]
+    lines += gate_section(_load(results / "gate.json"))
     scale = _load(results / "scale.json")
     lines += scale_section(scale, results, _machine_line(scale.get("machine")) if scale else "")
     for extra in sorted(results.glob("scale_*.json")):  # further T's measured by a separate command

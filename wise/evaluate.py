@@ -409,6 +409,30 @@ def evaluate_records(
     kw = {"main_only": main_only, "generate": generate, "progress": progress}
     if cache is None:
         return summarize_probes(probe_records(model, routed, tokens, records, **kw), records)
+    return summarize_probes(
+        cached_probes(model, routed, tokens, records, cache=cache, chunk=chunk, **kw), records
+    )
+
+
+def cached_probes(
+    model: nn.Module,
+    routed: RoutedLinear,
+    tokens: Tokens,
+    records: Sequence,
+    *,
+    cache: str | Path,
+    main_only: bool = False,
+    generate: bool = True,
+    progress: bool = False,
+    chunk: int = 250,
+) -> dict:
+    """:func:`probe_records` over ``records``, ``chunk`` records at a time, each slice kept under ``cache`` as it
+    finishes and read back instead of measured when it is there (see :func:`evaluate_records`).
+
+    Returns:
+        The probes of all ``records``, as :func:`concat_probes` joins them.
+    """
+    kw = {"main_only": main_only, "generate": generate, "progress": progress}
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
     parts = []
@@ -435,4 +459,4 @@ def evaluate_records(
             time.perf_counter() - t0,
             cache,
         )
-    return summarize_probes(concat_probes(parts), records)
+    return concat_probes(parts)

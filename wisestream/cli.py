@@ -129,6 +129,23 @@ def _bench_quality(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_gate(args: argparse.Namespace) -> int:
+    from bench.gate import gate_benchmark, load_gate_config
+    from bench.quality import invoked_command, load_quality_config
+
+    spec = load_gate_config(args.config)
+    qcfg = load_quality_config(spec.quality)
+    out = Path(args.out or spec.output)
+    result = gate_benchmark(qcfg, spec, out, invoked_command(args.argv))
+    summary = {
+        "chosen": result["dev"]["chosen"],
+        "test": {k: [r["metrics"]["teacher_forced"] for r in v["rows"]] for k, v in result["test"].items()},
+        "out": str(out),
+    }
+    sys.stdout.write(json.dumps(summary) + "\n")
+    return 0
+
+
 def _bench_report(args: argparse.Namespace) -> int:
     from bench.quality import load_quality_config, planned_milestones
     from bench.report import render_report
@@ -343,6 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
         "another core)",
     )
     quality.set_defaults(func=_bench_quality)
+    gate = bench_sub.add_parser(
+        "gate", help="the keyed relation gate: chosen on the development split, measured on a finished run"
+    )
+    gate.add_argument("--config", type=Path, default=Path("configs/bench/gate.yaml"))
+    gate.add_argument("--out", help="result JSON (default: the config's output)")
+    gate.set_defaults(func=_bench_gate)
     report = bench_sub.add_parser("report", help="render REPORT.md and plots from the results files")
     report.add_argument("--config", type=Path, default=Path("configs/bench/quality.yaml"))
     report.add_argument("--results", help="results directory (default: the config's output)")

@@ -1,0 +1,279 @@
+"""The keyed layout's relation gate (``wise.keyed.min_similarity``): chosen on the development split, then
+measured on a finished run's state (``wisestream bench gate``; config: the ``gate:`` block of
+``configs/bench/quality.yaml``).
+
+A query whose subject matches an edit is answered by that edit only when the cosine of its relation key to the
+edit's reaches the gate; otherwise the main memory answers it, exactly as the unedited model does. So the gated
+outcome of every probe is its ungated outcome when it was routed with a similarity at or above the gate, and its
+pre-edit outcome otherwise: one measurement with the gate off plus the pre-edit probes give every gate value at
+once, with no forward pass per value.
+
+Development: the first ``dev.limit`` records of the development CounterFact split with the development
+same-subject edits mixed in (each probes another relation of its own edited subject: the question a gate
+should refuse) are edited once with the method's settings (resumable); the gate chosen is the highest value of
+the grid at which no reliability or generalization metric (teacher-forced or free generation, over all
+development edits) falls more than ``tolerance`` below the ungated one. Test: the runs of ``apply`` are measured
+at their final state with the gate off (teacher-forced probes; their free-generation outcomes come from the
+run's milestone result) and combined with the pre-edit probes the quality benchmark kept.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError
+
+from bench.milestones import edit_until, milestone_path, resume_editor, write_json
+from bench.quality import (
+    DatasetSpec,
+    MixSpec,
+    QualityConfig,
+    dataset_records,
+    interleave,
+    method_settings,
+    plan_mixed,
+    plan_run,
+    pre_probes_dir,
+    yaml_load,
+)
+from orchestrator.config import ConfigError
+from wise.config import FrozenConfig
+
+logger = logging.getLogger(__name__)
+
+KINDS = (("rel", "edit", "rel_hit"), ("gen", "rephrase", "gen_hit"), ("loc", "locality", None))
+
+
+class GateSpec(FrozenConfig):
+    """Where the relation gate is chosen and where it is measured."""
+
+    quality: str = Field("configs/bench/quality.yaml", description="the quality benchmark: model, runs, work")
+    output: str = Field("benchmarks/results/gate.json", description="the result (committed)")
+    method: str = Field("keyed", description="the method (keyed layout) whose gate is chosen")
+    dev: DatasetSpec = Field(description="development edits (never reported)")
+    dev_limit: int = Field(300, ge=1, description="edit the first this many development records")
+    mix: MixSpec | None = Field(None, description="development records mixed in (same-subject probes)")
+    grid: tuple[float, ...] = Field(description="gate values tried, increasing")
+    tolerance: float = Field(0.02, ge=0, description="largest fall of any rel/gen metric the gate may cost")
+    apply: tuple[str, ...] = Field((), description="runs METHOD/DATASET measured at their final state")
+    checkpoint_every: int = Field(25, ge=1)
+
+
+def load_gate_config(path: str | Path) -> GateSpec:
+    """Load ``configs/bench/gate.yaml``.
+
+    Raises:
+        ConfigError: unknown keys or bad values, with the key path.
+    """
+    try:
+        return GateSpec.model_validate(yaml_load(path))
+    except ValidationError as err:
+        msgs = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
+        raise ConfigError(f"{path}: " + "; ".join(msgs)) from None
+
+
+def gate_probes(post: dict, pre: dict, gate: float | None) -> dict:
+    """The probes as they come out with the relation gate at ``gate`` (None: off), from the same records'
+    ungated probes ``post`` and pre-edit probes ``pre`` (both as :func:`wise.evaluate.probe_records` gives
+    them; ``post``'s ratio is 1 + the routed relation similarity, 0 for the main memory)."""
+    out = {k: v for k, v in post.items() if k not in ("route", "ratio")}
+    out["route"], out["ratio"] = {}, {}
+    for key, kind, hit in KINDS:
+        route, ratio = post["route"][kind], post["ratio"][kind]
+        keep = [r >= 0 and (gate is None or q - 1.0 >= gate) for r, q in zip(route, ratio, strict=True)]
+        out[key] = [a if k else b for a, b, k in zip(post[key], pre[key], keep, strict=True)]
+        out["route"][kind] = [r if k else -1 for r, k in zip(route, keep, strict=True)]
+        out["ratio"][kind] = [q if k else 0.0 for q, k in zip(ratio, keep, strict=True)]
+        if hit and hit in post:
+            out[hit] = [a if k else b for a, b, k in zip(post[hit], pre[hit], keep, strict=True)]
+    return out
+
+
+def metrics_row(probes: dict, records: Sequence) -> dict[str, Any]:
+    """Teacher-forced and free-generation metrics and routed fractions of ``probes`` over ``records``."""
+    from wise.evaluate import summarize_probes
+
+    s = summarize_probes(probes, records)
+    return {k: s[k] for k in ("teacher_forced", "generate", "routed_fraction") if k in s}
+
+
+def choose_gate(rows: Sequence[dict[str, Any]], tolerance: float) -> float | None:
+    """The highest gate whose reliability and generalization (teacher-forced and free generation) each stay
+    within ``tolerance`` of the ungated row's (``rows[0]``, gate None); None when no gate does."""
+    base = rows[0]["all"]
+
+    def within(row: dict[str, Any]) -> bool:
+        return all(
+            row["all"][mode][m] >= base[mode][m] - tolerance
+            for mode in ("teacher_forced", "generate")
+            for m in ("reliability", "generalization")
+        )
+
+    ok = [r["gate"] for r in rows[1:] if within(r)]
+    return max(ok) if ok else None
+
+
+def _split(probes: dict, first: int) -> tuple[dict, dict]:
+    """Probes of records ``[:first]`` and ``[first:]`` (owners renumbered)."""
+    a: dict = {"records": first, "route": {}, "ratio": {}}
+    b: dict = {"records": probes["records"] - first, "route": {}, "ratio": {}}
+    a["rel"], b["rel"] = probes["rel"][:first], probes["rel"][first:]
+    if "rel_hit" in probes:
+        a["rel_hit"], b["rel_hit"] = probes["rel_hit"][:first], probes["rel_hit"][first:]
+    a["route"]["edit"], b["route"]["edit"] = probes["route"]["edit"][:first], probes["route"]["edit"][first:]
+    a["ratio"]["edit"], b["ratio"]["edit"] = probes["ratio"]["edit"][:first], probes["ratio"]["edit"][first:]
+    for key, kind, hit in (("gen", "rephrase", "gen_hit"), ("loc", "locality", None)):
+        owner = probes[f"{key}_owner"]
+        cut = sum(1 for o in owner if o < first)
+        a[key], b[key] = probes[key][:cut], probes[key][cut:]
+        a[f"{key}_owner"], b[f"{key}_owner"] = owner[:cut], [o - first for o in owner[cut:]]
+        a["route"][kind], b["route"][kind] = probes["route"][kind][:cut], probes["route"][kind][cut:]
+        a["ratio"][kind], b["ratio"][kind] = probes["ratio"][kind][:cut], probes["ratio"][kind][cut:]
+        if hit and hit in probes:
+            a[hit], b[hit] = probes[hit][:cut], probes[hit][cut:]
+    return a, b
+
+
+def _ordered(records: Sequence, mixed_ids: set) -> tuple[list, int]:
+    """The development records with the mixed ones last (so that one cut separates them), and the cut."""
+    own = [r for r in records if r.id not in mixed_ids]
+    return own + [r for r in records if r.id in mixed_ids], len(own)
+
+
+def develop(qcfg: QualityConfig, spec: GateSpec, settings, make, work: Path) -> dict[str, Any]:
+    """Edit the development records once (resumable), probe them with the gate off and on the pre-edit model,
+    and measure every gate of the grid: rows for all development edits, the CounterFact ones and the mixed
+    ones, and the gate chosen."""
+    from wise.evaluate import cached_probes
+
+    main = dataset_records(spec.dev, spec.dev_limit)
+    mixed = (
+        dataset_records(DatasetSpec(path=spec.mix.path, format=spec.mix.format), 10**9) if spec.mix else []
+    )
+    stream = interleave(main, mixed, spec.mix.within) if spec.mix else main
+    fingerprint = {
+        "settings": settings.model_dump(mode="json"),
+        "records": [r.id for r in stream],
+        "model": qcfg.model.model_dump(),
+    }
+    work_dir = work / "gate-dev" / spec.method
+    editor, progress = resume_editor(make, work_dir, fingerprint)
+    edit_until(editor, stream, len(stream), progress, work_dir, spec.checkpoint_every)
+    records, cut = _ordered(stream, {r.id for r in mixed})
+    args = (editor.model, editor.routed, editor.tokens, records)
+    post = cached_probes(*args, cache=work_dir / "probes-post", generate=qcfg.generate, progress=True)
+    pre = cached_probes(
+        *args, cache=work_dir / "probes-pre", main_only=True, generate=qcfg.generate, progress=True
+    )
+    rows = []
+    for gate in (None, *spec.grid):
+        probes = gate_probes(post, pre, gate)
+        own, mix = _split(probes, cut)
+        row = {
+            "gate": gate,
+            "all": metrics_row(probes, records),
+            "counterfact": metrics_row(own, records[:cut]),
+        }
+        if mixed:
+            row[spec.mix.name] = metrics_row(mix, records[cut:])
+        rows.append(row)
+    chosen = choose_gate(rows, spec.tolerance)
+    logger.info("gate chosen on the development split: %s", chosen)
+    return {
+        "edits": len(stream),
+        "counterfact_edits": cut,
+        "mixed": spec.mix.name if spec.mix else None,
+        "seconds_per_edit": progress["edit_seconds"] / max(1, progress["applied"]),
+        "rows": rows,
+        "chosen": chosen,
+        "rule": f"highest gate whose rel and gen (teacher-forced and free generation) stay within "
+        f"{spec.tolerance} of the ungated ones over all development edits",
+    }
+
+
+def measure_run(qcfg: QualityConfig, run_name: str, gates: Sequence[float | None], make, work: Path) -> dict:
+    """A finished run's final state with each gate: its own edits' metrics, from the gate-off teacher-forced
+    probes measured here, the free-generation outcomes of its milestone result and the pre-edit probes kept by
+    the quality benchmark.
+
+    Raises:
+        ConfigError: unknown run, no state, or no milestone result / pre-edit probes for its state.
+    """
+    from wise.evaluate import cached_probes
+
+    runs = {r.name: r for r in qcfg.runs}
+    if run_name not in runs:
+        raise ConfigError(f"gate.apply: unknown run {run_name!r}; choose among {sorted(runs)}")
+    run = runs[run_name]
+    work_dir = work / run.dataset / run.method
+    progress_path = work_dir / "progress.json"
+    if not progress_path.exists():
+        raise ConfigError(
+            f"gate.apply: {run_name} has no state in {work_dir} (run `wisestream bench quality`)"
+        )
+    n = json.loads(progress_path.read_text())["applied"]
+    _, records = plan_run(qcfg, run)
+    mixed_ids = {r.id for r in plan_mixed(qcfg, run)}
+    own = [r for r in records[:n] if r.id not in mixed_ids]
+    result_path = milestone_path(Path(qcfg.output) / "quality" / run.dataset / run.method, len(own))
+    if not result_path.exists():
+        raise ConfigError(f"gate.apply: {run_name} has no result at T={len(own)} ({result_path})")
+    result = json.loads(result_path.read_text())
+    editor = make()
+    editor.load(work_dir / "state")
+    editor.prepare()
+    if editor.n_edits != n:
+        raise ConfigError(f"{work_dir}: state holds {editor.n_edits} edits, progress says {n}")
+    args = (editor.model, editor.routed, editor.tokens, own)
+    post = cached_probes(*args, cache=work_dir / f"gate-probes-T{n}", generate=False, progress=True)
+    pre_cache = pre_probes_dir(work, run.dataset, qcfg.model)
+    pre = cached_probes(*args, cache=pre_cache, main_only=True, generate=qcfg.generate, progress=True)
+    if qcfg.generate:
+        per_edit = result["per_edit"]
+        if len(post["gen_owner"]) != len(own):
+            raise ConfigError(f"gate.apply: {run_name}: free generation needs one rephrase per edit")
+        post["rel_hit"] = [e["generate_reliability"] for e in per_edit]
+        post["gen_hit"] = [e["generate_generalization"] for e in per_edit]
+    ungated = metrics_row(post, own)["teacher_forced"]
+    check = max(abs(ungated[m] - result["teacher_forced"][m]) for m in ungated)
+    rows = [{"gate": g, "metrics": metrics_row(gate_probes(post, pre, g), own)} for g in gates]
+    return {"T": len(own), "result": str(result_path), "ungated_vs_result": check, "rows": rows}
+
+
+def gate_benchmark(qcfg: QualityConfig, spec: GateSpec, out: Path, command: str) -> dict[str, Any]:
+    """Choose the gate on the development split, measure it on the ``apply`` runs; write ``out``."""
+    from bench.quality import machine, make_editor
+    from orchestrator.config import build_config
+    from orchestrator.inputs import irrelevant_pool
+    from orchestrator.model_store import load_model
+
+    method = qcfg.methods.get(spec.method)
+    if method is None or method.kind != "wise":
+        raise ConfigError(f"gate.method: {spec.method!r} is not a wise method of the config")
+    settings = method_settings(method)
+    if settings.layout != "keyed":
+        raise ConfigError(
+            f"gate.method: {spec.method!r} is not the keyed layout (the gate is keyed routing's)"
+        )
+    job_cfg = build_config({"model": qcfg.model.model_dump()})
+    pool = irrelevant_pool(build_config({"irrelevant": method.irrelevant})) if method.irrelevant else []
+
+    def make():
+        model, tokenizer = load_model(job_cfg)
+        return make_editor("wise", settings, model, tokenizer, pool)
+
+    work = Path(qcfg.work)
+    dev = develop(qcfg, spec, settings, make, work)
+    result: dict[str, Any] = {"dev": dev, "test": {}, "command": command, "machine": machine()}
+    write_json(out, result)
+    for name in spec.apply:
+        result["test"][name] = measure_run(qcfg, name, (None, dev["chosen"]), make, work)
+        write_json(out, result)
+    return result
+
+
+__all__ = ["GateSpec", "choose_gate", "gate_benchmark", "gate_probes", "load_gate_config"]

@@ -1,0 +1,162 @@
+"""The relation gate benchmark: every gate value's outcomes from one gate-off measurement and the pre-edit
+probes must equal a real evaluation with that gate set on the router; the choice rule and the split of probes
+by record."""
+
+import dataclasses
+
+import pytest
+
+from bench.gate import _split, choose_gate, gate_probes, load_gate_config
+from orchestrator.config import ConfigError
+from wise.config import WiseConfig
+from wise.evaluate import concat_probes, probe_records
+from wise.keyed.editor import KeyedEditor
+
+
+def _cfg():
+    return WiseConfig.model_validate(
+        dict(
+            layer=2,
+            templates={"count": 2, "length": 3},
+            save_freq=2,
+            merge_freq=2,
+            keyed={"columns": 16, "n_iter": 40, "lr": 0.1, "early_stop_loss": 0.05, "block_edits": 4},
+        )
+    )
+
+
+def test_gated_probes_equal_an_evaluation_with_the_gate_set(tiny_model, tiny_tokenizer, edits, pool):
+    ed = KeyedEditor(tiny_model, tiny_tokenizer, _cfg(), irrelevant=pool)
+    # another relation of edited subjects, as locality probes: what a gate is for
+    records = list(edits) + [
+        dataclasses.replace(
+            edits[0], id="s0", locality_prompt="Danielle Darrieux was born in", locality_answer="Paris"
+        ),
+        dataclasses.replace(
+            edits[1], id="s1", locality_prompt="Edwin of Northumbria died in", locality_answer="York"
+        ),
+    ]
+    ed.apply(edits)
+    args = (ed.model, ed.routed, ed.tokens, records)
+    post = probe_records(*args, generate=True)
+    pre = probe_records(*args, main_only=True, generate=True)
+    sims = sorted(
+        q - 1.0
+        for k in post["ratio"]
+        for q, r in zip(post["ratio"][k], post["route"][k], strict=True)
+        if r >= 0
+    )
+    assert len(sims) >= 4
+    gates = [sims[0] - 0.01, (sims[len(sims) // 2 - 1] + sims[len(sims) // 2]) / 2, sims[-1] + 0.01]
+    for gate in gates:
+        ed.routed.min_similarity = gate
+        real = probe_records(*args, generate=True)
+        want = gate_probes(post, pre, gate)
+        for key in ("rel", "gen", "loc", "rel_hit", "gen_hit"):
+            assert want[key] == pytest.approx(real[key], abs=1e-6), (gate, key)
+        assert want["route"] == real["route"], gate
+    # the middle gate refuses some routed probes and keeps others: the comparison above is not vacuous
+    middle = gate_probes(post, pre, gates[1])["route"]
+    kept = sum(r >= 0 for k in middle for r in middle[k])
+    assert 0 < kept < len(sims)
+    assert gate_probes(post, pre, None) == {**post, "route": post["route"], "ratio": post["ratio"]}
+
+
+def test_split_then_concat_gives_back_the_probes():
+    probes = {
+        "records": 3,
+        "rel": [1.0, 0.5, 0.0],
+        "rel_hit": [1.0, 0.0, 0.0],
+        "gen": [0.1, 0.2, 0.3, 0.4],
+        "gen_hit": [1.0, 1.0, 0.0, 0.0],
+        "gen_owner": [0, 0, 1, 2],
+        "loc": [1.0, 0.0, 1.0],
+        "loc_owner": [0, 1, 2],
+        "route": {"edit": [0, 1, -1], "rephrase": [0, -1, 1, 2], "locality": [-1, 1, -1]},
+        "ratio": {"edit": [2.0, 1.5, 0.0], "rephrase": [1.2, 0.0, 1.1, 1.3], "locality": [0.0, 1.9, 0.0]},
+    }
+    a, b = _split(probes, 1)
+    assert a["gen"] == [0.1, 0.2] and b["gen_owner"] == [0, 1] and b["loc"] == [0.0, 1.0]
+    assert concat_probes([a, b]) == probes
+
+
+def _row(gate, rel, gen, frel, fgen):
+    return {
+        "gate": gate,
+        "all": {
+            "teacher_forced": {"reliability": rel, "generalization": gen, "locality": 1.0},
+            "generate": {"reliability": frel, "generalization": fgen},
+        },
+    }
+
+
+def test_the_chosen_gate_is_the_highest_within_tolerance_on_every_metric():
+    rows = [
+        _row(None, 0.99, 0.40, 0.98, 0.45),
+        _row(0.1, 0.99, 0.40, 0.98, 0.45),
+        _row(0.2, 0.98, 0.39, 0.97, 0.44),
+        _row(0.3, 0.99, 0.37, 0.98, 0.45),  # generalization falls 0.03
+        _row(0.4, 0.99, 0.40, 0.95, 0.45),  # free reliability falls 0.03
+    ]
+    assert choose_gate(rows, 0.02) == 0.2
+    assert choose_gate(rows, 0.05) == 0.4
+    assert choose_gate(rows[:1] + rows[3:], 0.02) is None
+
+
+def test_gate_config_rejects_unknown_keys(tmp_path):
+    bad = tmp_path / "gate.yaml"
+    bad.write_text("dev: {path: x.json}\ngrid: [0.1]\nthreshold: 0.3\n")
+    with pytest.raises(ConfigError, match="threshold"):
+        load_gate_config(bad)
+    assert load_gate_config("configs/bench/gate.yaml").apply == ("keyed/counterfact-long",)
+
+
+def test_report_section_shows_the_sweep_the_choice_and_the_test_rows():
+    from bench.report_gate import gate_section
+
+    def metrics(rel, loc):
+        return {
+            "teacher_forced": {"reliability": rel, "generalization": 0.3, "locality": loc},
+            "generate": {"reliability": rel, "generalization": 0.3},
+            "routed_fraction": {"edit": 1.0, "rephrase": 1.0, "locality": 0.1},
+        }
+
+    dev = {
+        "edits": 370,
+        "counterfact_edits": 300,
+        "mixed": "samesubject",
+        "rule": "highest gate within 0.02",
+        "chosen": 0.25,
+        "rows": [
+            {
+                "gate": g,
+                "all": metrics(0.99, 0.9),
+                "counterfact": metrics(0.99, 0.97),
+                "samesubject": metrics(0.9, same),
+            }
+            for g, same in ((None, 0.5), (0.25, 0.8))
+        ],
+    }
+    test = {"T": 9000, "ungated_vs_result": 1e-7, "rows": [{"gate": None, "metrics": metrics(0.9, 0.87)}]}
+    lines = gate_section(
+        {"dev": dev, "test": {"keyed/counterfact-long": test}, "command": "wisestream bench gate"}
+    )
+    text = "\n".join(lines)
+    assert (
+        "Chosen: **0.25**" in text
+        and "| off | 0.990 | 0.300 | 0.990 | 0.300 | 0.970 | 0.500 | 10.0% |" in text
+    )
+    assert (
+        "| keyed/counterfact-long | 9000 | off | 0.900 | 0.300 | 0.870 | 0.900 | 0.300 | 0.690 | 10.0% |"
+        in text
+    )
+    assert gate_section(None) == []
+
+
+def test_a_missing_or_broken_gate_config_is_one_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_gate_config(tmp_path / "none.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("dev: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_gate_config(broken)
