@@ -198,10 +198,10 @@ def develop(qcfg: QualityConfig, spec: GateSpec, settings, make, work: Path) -> 
 def measure_run(qcfg: QualityConfig, run_name: str, gates: Sequence[float | None], make, work: Path) -> dict:
     """A finished run's final state with each gate: its own edits' metrics, from the gate-off teacher-forced
     probes measured here, the free-generation outcomes of its milestone result and the pre-edit probes kept by
-    the quality benchmark.
+    the quality benchmark (measured here when they are missing).
 
     Raises:
-        ConfigError: unknown run, no state, or no milestone result / pre-edit probes for its state.
+        ConfigError: unknown run, no state, or no milestone result for its state.
     """
     from wise.evaluate import cached_probes
 
