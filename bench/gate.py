@@ -40,7 +40,7 @@ from bench.quality import (
     pre_probes_dir,
     yaml_load,
 )
-from orchestrator.config import ConfigError
+from orchestrator.config import ConfigError, format_errors
 from wise.config import FrozenConfig
 
 logger = logging.getLogger(__name__)
@@ -72,8 +72,7 @@ def load_gate_config(path: str | Path) -> GateSpec:
     try:
         return GateSpec.model_validate(yaml_load(path))
     except ValidationError as err:
-        msgs = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
-        raise ConfigError(f"{path}: " + "; ".join(msgs)) from None
+        raise ConfigError(f"{path}: " + "; ".join(format_errors(err).splitlines())) from None
 
 
 def gate_probes(post: dict, pre: dict, gate: float | None) -> dict:

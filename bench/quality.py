@@ -27,7 +27,7 @@ import torch
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from bench.milestones import SequentialEditor, evaluate_deferred, sequential_run, write_json
-from orchestrator.config import ConfigError, ModelConfig, build_config, load_config
+from orchestrator.config import ConfigError, ModelConfig, build_config, format_errors, load_config
 from wise.config import FrozenConfig
 
 logger = logging.getLogger(__name__)
@@ -151,8 +151,7 @@ def load_quality_config(path: str | Path, smoke: bool = False) -> QualityConfig:
             }
         return QualityConfig.model_validate(data)
     except ValidationError as err:
-        msgs = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
-        raise ConfigError(f"{path}: " + "; ".join(msgs)) from None
+        raise ConfigError(f"{path}: " + "; ".join(format_errors(err).splitlines())) from None
 
 
 def yaml_load(path: str | Path) -> dict[str, Any]:
