@@ -1,6 +1,5 @@
 """The keyed layout's relation gate (``wise.keyed.min_similarity``): chosen on the development split, then
-measured on a finished run's state (``wisestream bench gate``; config: the ``gate:`` block of
-``configs/bench/quality.yaml``).
+measured on a finished run's state (``wisestream bench gate``; config ``configs/bench/gate.yaml``).
 
 A query whose subject matches an edit is answered by that edit only when the cosine of its relation key to the
 edit's reaches the gate; otherwise the main memory answers it, exactly as the unedited model does. So the gated
@@ -8,7 +7,7 @@ outcome of every probe is its ungated outcome when it was routed with a similari
 pre-edit outcome otherwise: one measurement with the gate off plus the pre-edit probes give every gate value at
 once, with no forward pass per value.
 
-Development: the first ``dev.limit`` records of the development CounterFact split with the development
+Development: the first ``dev_limit`` records of the development CounterFact split with the development
 same-subject edits mixed in (each probes another relation of its own edited subject: the question a gate
 should refuse) are edited once with the method's settings (resumable); the gate chosen is the highest value of
 the grid at which no reliability or generalization metric (teacher-forced or free generation, over all
@@ -117,23 +116,19 @@ def choose_gate(rows: Sequence[dict[str, Any]], tolerance: float) -> float | Non
 
 
 def _split(probes: dict, first: int) -> tuple[dict, dict]:
-    """Probes of records ``[:first]`` and ``[first:]`` (owners renumbered)."""
+    """Probes of records ``[:first]`` and ``[first:]`` (owners renumbered; a prompt probe's owner is its index)."""
     a: dict = {"records": first, "route": {}, "ratio": {}}
     b: dict = {"records": probes["records"] - first, "route": {}, "ratio": {}}
-    a["rel"], b["rel"] = probes["rel"][:first], probes["rel"][first:]
-    if "rel_hit" in probes:
-        a["rel_hit"], b["rel_hit"] = probes["rel_hit"][:first], probes["rel_hit"][first:]
-    a["route"]["edit"], b["route"]["edit"] = probes["route"]["edit"][:first], probes["route"]["edit"][first:]
-    a["ratio"]["edit"], b["ratio"]["edit"] = probes["ratio"]["edit"][:first], probes["ratio"]["edit"][first:]
-    for key, kind, hit in (("gen", "rephrase", "gen_hit"), ("loc", "locality", None)):
-        owner = probes[f"{key}_owner"]
+    for key, kind, hit in KINDS:
+        owner = probes.get(f"{key}_owner", range(probes["records"]))
         cut = sum(1 for o in owner if o < first)
-        a[key], b[key] = probes[key][:cut], probes[key][cut:]
-        a[f"{key}_owner"], b[f"{key}_owner"] = owner[:cut], [o - first for o in owner[cut:]]
-        a["route"][kind], b["route"][kind] = probes["route"][kind][:cut], probes["route"][kind][cut:]
-        a["ratio"][kind], b["ratio"][kind] = probes["ratio"][kind][:cut], probes["ratio"][kind][cut:]
-        if hit and hit in probes:
-            a[hit], b[hit] = probes[hit][:cut], probes[hit][cut:]
+        lists = [(a, b, key, probes[key])] + ([(a, b, hit, probes[hit])] if hit and hit in probes else [])
+        lists += [(a["route"], b["route"], kind, probes["route"][kind])]
+        lists += [(a["ratio"], b["ratio"], kind, probes["ratio"][kind])]
+        for lo, hi, name, values in lists:
+            lo[name], hi[name] = values[:cut], values[cut:]
+        if f"{key}_owner" in probes:
+            a[f"{key}_owner"], b[f"{key}_owner"] = list(owner[:cut]), [o - first for o in owner[cut:]]
     return a, b
 
 
