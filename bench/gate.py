@@ -1,11 +1,18 @@
-"""The keyed layout's relation gate (``wise.keyed.min_similarity``): chosen on the development split, then
-measured on a finished run's state (``wisestream bench gate``; config ``configs/bench/gate.yaml``).
+"""The keyed layout's routing rules, chosen on the development split, then measured on a finished run's state
+(``wisestream bench gate``; config ``configs/bench/gate.yaml``): whole names (``wise.keyed.whole_names``: a
+subject found inside a longer name does not route) and the relation gate (``wise.keyed.min_similarity``).
+Neither changes what the edits wrote, so one edited state serves every setting.
+
+Whole names: the development edits are probed with the rule off and on (free generation included); the rule is
+kept when no reliability or generalization metric falls more than ``tolerance``. The test runs are probed both
+ways (teacher-forced); the free-generation outcome of a probe whose route the rule leaves alone is the run's
+milestone one, of a probe the rule sends to the main memory its pre-edit one, and any other is measured.
 
 A query whose subject matches an edit is answered by that edit only when the cosine of its relation key to the
 edit's reaches the gate; otherwise the main memory answers it, exactly as the unedited model does. So the gated
 outcome of every probe is its ungated outcome when it was routed with a similarity at or above the gate, and its
 pre-edit outcome otherwise: one measurement with the gate off plus the pre-edit probes give every gate value at
-once, with no forward pass per value.
+once, with no forward pass per value. The gate is swept with the whole-name setting chosen before it.
 
 Development: the first ``dev_limit`` records of the development CounterFact split with the development
 same-subject edits mixed in (each probes another relation of its own edited subject: the question a gate
@@ -74,6 +81,22 @@ def load_gate_config(path: str | Path) -> GateSpec:
         raise ConfigError(f"{path}: " + "; ".join(format_errors(err).splitlines())) from None
 
 
+def routing_tag(flags) -> str:
+    """The cache name part of a whole-name setting (probes measured under one are not the other's)."""
+    return "plain" if flags is None else "names"
+
+
+def within(row: dict[str, Any], base: dict[str, Any], tolerance: float) -> bool:
+    """No reliability or generalization metric (teacher-forced or free generation) of ``row`` falls more than
+    ``tolerance`` below ``base``'s (both :func:`metrics_row`)."""
+    return all(
+        row[mode][m] >= base[mode][m] - tolerance
+        for mode in ("teacher_forced", "generate")
+        if mode in base
+        for m in ("reliability", "generalization")
+    )
+
+
 def gate_probes(post: dict, pre: dict, gate: float | None) -> dict:
     """The probes as they come out with the relation gate at ``gate`` (None: off), from the same records'
     ungated probes ``post`` and pre-edit probes ``pre`` (both as :func:`wise.evaluate.probe_records` gives
@@ -92,26 +115,32 @@ def gate_probes(post: dict, pre: dict, gate: float | None) -> dict:
 
 
 def metrics_row(probes: dict, records: Sequence) -> dict[str, Any]:
-    """Teacher-forced and free-generation metrics and routed fractions of ``probes`` over ``records``."""
+    """Teacher-forced and free-generation metrics and routed fractions of ``probes`` over ``records``, and
+    ``conflicts``: the locality probes whose prompt is itself an edit prompt of ``records`` (the stream changed
+    the answer they expect the model to keep; same normalisation as superseding) and the locality of the others."""
     from wise.evaluate import summarize_probes
+    from wise.keyed.trainer import normalize_prompt
 
     s = summarize_probes(probes, records)
-    return {k: s[k] for k in ("teacher_forced", "generate", "routed_fraction") if k in s}
+    row = {k: s[k] for k in ("teacher_forced", "generate", "routed_fraction") if k in s}
+    edited = {normalize_prompt(r.prompt) for r in records}
+    owner = probes.get("loc_owner", range(probes["records"]))
+    clean = [
+        v
+        for v, o in zip(probes["loc"], owner, strict=True)
+        if normalize_prompt(records[o].locality_prompt) not in edited
+    ]
+    row["conflicts"] = {
+        "probes": len(probes["loc"]) - len(clean),
+        "locality_others": sum(clean) / len(clean) if clean else None,
+    }
+    return row
 
 
 def choose_gate(rows: Sequence[dict[str, Any]], tolerance: float) -> float | None:
     """The highest gate whose reliability and generalization (teacher-forced and free generation) each stay
     within ``tolerance`` of the ungated row's (``rows[0]``, gate None); None when no gate does."""
-    base = rows[0]["all"]
-
-    def within(row: dict[str, Any]) -> bool:
-        return all(
-            row["all"][mode][m] >= base[mode][m] - tolerance
-            for mode in ("teacher_forced", "generate")
-            for m in ("reliability", "generalization")
-        )
-
-    ok = [r["gate"] for r in rows[1:] if within(r)]
+    ok = [r["gate"] for r in rows[1:] if within(r["all"], rows[0]["all"], tolerance)]
     return max(ok) if ok else None
 
 
@@ -138,11 +167,21 @@ def _ordered(records: Sequence, mixed_ids: set) -> tuple[list, int]:
     return own + [r for r in records if r.id in mixed_ids], len(own)
 
 
+def _dev_rows(probes: dict, records: Sequence, cut: int, mix_name: str | None) -> dict[str, Any]:
+    """Metrics of all development edits, of the CounterFact ones and of the mixed ones."""
+    own, mix = _split(probes, cut)
+    row = {"all": metrics_row(probes, records), "counterfact": metrics_row(own, records[:cut])}
+    if mix_name:
+        row[mix_name] = metrics_row(mix, records[cut:])
+    return row
+
+
 def develop(qcfg: QualityConfig, spec: GateSpec, settings, make, work: Path) -> dict[str, Any]:
-    """Edit the development records once (resumable), probe them with the gate off and on the pre-edit model,
-    and measure every gate of the grid: rows for all development edits, the CounterFact ones and the mixed
-    ones, and the gate chosen."""
+    """Edit the development records once (resumable), probe them with whole names off and on and on the
+    pre-edit model, choose whole names, then measure every gate of the grid: rows for all development edits,
+    the CounterFact ones and the mixed ones, and the settings chosen."""
     from wise.evaluate import cached_probes
+    from wise.keyed.names import name_flags
 
     main = dataset_records(spec.dev, spec.dev_limit)
     mixed = (
@@ -158,46 +197,86 @@ def develop(qcfg: QualityConfig, spec: GateSpec, settings, make, work: Path) -> 
     editor, progress = resume_editor(make, work_dir, fingerprint)
     edit_until(editor, stream, len(stream), progress, work_dir, spec.checkpoint_every)
     records, cut = _ordered(stream, {r.id for r in mixed})
+    mix_name = spec.mix.name if spec.mix else None
     args = (editor.model, editor.routed, editor.tokens, records)
-    post = cached_probes(*args, cache=work_dir / "probes-post", generate=qcfg.generate, progress=True)
+    posts, names_rows = {}, []
+    for flags in (None, name_flags(editor.tokens.tokenizer)):
+        with editor.routed.names(flags):
+            cache = work_dir / f"probes-post-{routing_tag(flags)}"
+            posts[flags is not None] = cached_probes(
+                *args, cache=cache, generate=qcfg.generate, progress=True
+            )
+        names_rows.append(
+            {"whole_names": flags is not None, **_dev_rows(posts[flags is not None], records, cut, mix_name)}
+        )
+    names = within(names_rows[1]["all"], names_rows[0]["all"], spec.tolerance)
+    logger.info("whole names chosen on the development split: %s", names)
     pre = cached_probes(
         *args, cache=work_dir / "probes-pre", main_only=True, generate=qcfg.generate, progress=True
     )
-    rows = []
-    for gate in (None, *spec.grid):
-        probes = gate_probes(post, pre, gate)
-        own, mix = _split(probes, cut)
-        row = {
-            "gate": gate,
-            "all": metrics_row(probes, records),
-            "counterfact": metrics_row(own, records[:cut]),
-        }
-        if mixed:
-            row[spec.mix.name] = metrics_row(mix, records[cut:])
-        rows.append(row)
+    rows = [
+        {"gate": gate, **_dev_rows(gate_probes(posts[names], pre, gate), records, cut, mix_name)}
+        for gate in (None, *spec.grid)
+    ]
     chosen = choose_gate(rows, spec.tolerance)
     logger.info("gate chosen on the development split: %s", chosen)
     return {
         "edits": len(stream),
         "counterfact_edits": cut,
-        "mixed": spec.mix.name if spec.mix else None,
+        "mixed": mix_name,
         "seconds_per_edit": progress["edit_seconds"] / max(1, progress["applied"]),
+        "names_rows": names_rows,
+        "names_chosen": names,
         "rows": rows,
         "chosen": chosen,
-        "rule": f"highest gate whose rel and gen (teacher-forced and free generation) stay within "
-        f"{spec.tolerance} of the ungated ones over all development edits",
+        "rule": f"the setting whose rel and gen (teacher-forced and free generation) stay within "
+        f"{spec.tolerance} of the rule off over all development edits: whole names on if it does, then "
+        f"the highest such gate",
     }
 
 
-def measure_run(qcfg: QualityConfig, run_name: str, gates: Sequence[float | None], make, work: Path) -> dict:
-    """A finished run's final state with each gate: its own edits' metrics, from the gate-off teacher-forced
-    probes measured here, the free-generation outcomes of its milestone result and the pre-edit probes kept by
-    the quality benchmark (measured here when they are missing).
+def derive_free(on: dict, off: dict, pre: dict, measure) -> int:
+    """Fill ``on``'s free-generation outcomes (``rel_hit``/``gen_hit``) from ``off``'s where the two settings
+    route a probe alike, from ``pre``'s where ``on`` sends it to the main memory, and from ``measure(indices)``
+    (probes of those records under ``on``, free generation included) for the rest. Returns how many were
+    measured."""
+    todo: dict[str, list[int]] = {}
+    for key, kind, hit in KINDS[:2]:
+        values = []
+        for i, (a, b) in enumerate(zip(on["route"][kind], off["route"][kind], strict=True)):
+            values.append(off[hit][i] if a == b else pre[hit][i] if a < 0 else None)
+            if values[-1] is None:
+                todo.setdefault(key, []).append(i)
+        on[hit] = values
+    if not todo:
+        return 0
+    owners = {key: on.get(f"{key}_owner", range(on["records"])) for key in todo}
+    wanted = sorted({owners[key][i] for key, idx in todo.items() for i in idx})
+    sub = measure(wanted)
+    local = {o: j for j, o in enumerate(wanted)}
+    for key, _kind, hit in KINDS[:2]:
+        sub_owner = list(sub.get(f"{key}_owner", range(sub["records"])))
+        for i in todo.get(key, []):
+            o = owners[key][i]
+            ordinal = sum(1 for p in range(i) if owners[key][p] == o)
+            j = [p for p, so in enumerate(sub_owner) if so == local[o]][ordinal]
+            on[hit][i] = sub[hit][j]
+    return sum(len(v) for v in todo.values())
+
+
+def measure_run(
+    qcfg: QualityConfig, run_name: str, names: bool, gate: float | None, make, work: Path
+) -> dict[str, Any]:
+    """A finished run's final state with whole names off and on, and with the settings chosen: its own edits'
+    metrics, from teacher-forced probes measured here, the free-generation outcomes of its milestone result
+    (measured with whole names off; with them on derived by :func:`derive_free`) and the pre-edit probes kept
+    by the quality benchmark (measured here when they are missing).
 
     Raises:
         ConfigError: unknown run, no state, or no milestone result for its state.
     """
-    from wise.evaluate import cached_probes
+    from wise.evaluate import cached_probes, probe_records
+    from wise.keyed.names import name_flags
 
     runs = {r.name: r for r in qcfg.runs}
     if run_name not in runs:
@@ -223,23 +302,46 @@ def measure_run(qcfg: QualityConfig, run_name: str, gates: Sequence[float | None
     if editor.n_edits != n:
         raise ConfigError(f"{work_dir}: state holds {editor.n_edits} edits, progress says {n}")
     args = (editor.model, editor.routed, editor.tokens, own)
-    post = cached_probes(*args, cache=work_dir / f"gate-probes-T{n}", generate=False, progress=True)
+    flags = name_flags(editor.tokens.tokenizer)
+    posts = {}
+    for on in (False, True):
+        with editor.routed.names(flags if on else None):
+            cache = work_dir / f"gate-probes-T{n}-{routing_tag(flags if on else None)}"
+            posts[on] = cached_probes(*args, cache=cache, generate=False, progress=True)
     pre_cache = pre_probes_dir(work, run.dataset, qcfg.model)
     pre = cached_probes(*args, cache=pre_cache, main_only=True, generate=qcfg.generate, progress=True)
+    measured = 0
     if qcfg.generate:
         per_edit = result["per_edit"]
-        if len(post["gen_owner"]) != len(own):
+        if len(posts[False]["gen_owner"]) != len(own):
             raise ConfigError(f"gate.apply: {run_name}: free generation needs one rephrase per edit")
-        post["rel_hit"] = [e["generate_reliability"] for e in per_edit]
-        post["gen_hit"] = [e["generate_generalization"] for e in per_edit]
-    ungated = metrics_row(post, own)["teacher_forced"]
-    check = max(abs(ungated[m] - result["teacher_forced"][m]) for m in ungated)
-    rows = [{"gate": g, "metrics": metrics_row(gate_probes(post, pre, g), own)} for g in gates]
-    return {"T": len(own), "result": str(result_path), "ungated_vs_result": check, "rows": rows}
+        posts[False]["rel_hit"] = [e["generate_reliability"] for e in per_edit]
+        posts[False]["gen_hit"] = [e["generate_generalization"] for e in per_edit]
+
+        def measure(indices: list[int]) -> dict:
+            with editor.routed.names(flags):
+                return probe_records(*args[:3], [own[i] for i in indices], generate=True)
+
+        measured = derive_free(posts[True], posts[False], pre, measure)
+    plain = metrics_row(posts[False], own)["teacher_forced"]
+    check = max(abs(plain[m] - result["teacher_forced"][m]) for m in plain)
+    settings = [(False, None), (True, None)] + ([(names, gate)] if gate is not None else [])
+    rows = [
+        {"whole_names": on, "gate": g, "metrics": metrics_row(gate_probes(posts[on], pre, g), own)}
+        for on, g in settings
+    ]
+    return {
+        "T": len(own),
+        "result": str(result_path),
+        "ungated_vs_result": check,
+        "free_generation_measured": measured,
+        "rows": rows,
+    }
 
 
 def gate_benchmark(qcfg: QualityConfig, spec: GateSpec, out: Path, command: str) -> dict[str, Any]:
-    """Choose the gate on the development split, measure it on the ``apply`` runs; write ``out``."""
+    """Choose whole names and the gate on the development split, measure them on the ``apply`` runs; write
+    ``out``."""
     from bench.quality import machine, make_editor
     from orchestrator.config import build_config
     from orchestrator.inputs import irrelevant_pool
@@ -265,9 +367,18 @@ def gate_benchmark(qcfg: QualityConfig, spec: GateSpec, out: Path, command: str)
     result: dict[str, Any] = {"dev": dev, "test": {}, "command": command, "machine": machine()}
     write_json(out, result)
     for name in spec.apply:
-        result["test"][name] = measure_run(qcfg, name, (None, dev["chosen"]), make, work)
+        result["test"][name] = measure_run(qcfg, name, dev["names_chosen"], dev["chosen"], make, work)
         write_json(out, result)
     return result
 
 
-__all__ = ["GateSpec", "choose_gate", "gate_benchmark", "gate_probes", "load_gate_config"]
+__all__ = [
+    "GateSpec",
+    "choose_gate",
+    "derive_free",
+    "gate_benchmark",
+    "gate_probes",
+    "load_gate_config",
+    "routing_tag",
+    "within",
+]

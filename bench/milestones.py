@@ -147,13 +147,28 @@ def _snapshot_dir(work_dir: Path, t: int) -> Path:
     return work_dir / f"milestone-T{t}"
 
 
+def state_part(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """What of a run's fingerprint its state depends on: all but the keyed layout's routing-only settings
+    (:data:`wise.config.KEYED_ROUTING_ONLY`), which change how queries are routed, not what the edits wrote."""
+    from wise.config import KEYED_ROUTING_ONLY
+
+    keyed = fingerprint.get("settings", {}).get("keyed")
+    if not isinstance(keyed, dict):
+        return fingerprint
+    settings = {
+        **fingerprint["settings"],
+        "keyed": {k: v for k, v in keyed.items() if k not in KEYED_ROUTING_ONLY},
+    }
+    return {**fingerprint, "settings": settings}
+
+
 def resume_editor(
     make, work_dir: Path, fingerprint: dict[str, Any]
 ) -> tuple[SequentialEditor, dict[str, Any]]:
     """A prepared editor holding the run's checkpointed state (none: a fresh one), and the run's progress."""
     progress_path = work_dir / "progress.json"
     progress = json.loads(progress_path.read_text()) if progress_path.exists() else None
-    if progress is not None and progress["fingerprint"] != fingerprint:
+    if progress is not None and state_part(progress["fingerprint"]) != state_part(fingerprint):
         raise ConfigError(f"{work_dir} holds a run with other settings: delete it to start over")
     editor = make()
     if (

@@ -1,5 +1,5 @@
-"""The report's relation-gate section, from ``gate.json`` (``wisestream bench gate``). Rendering only: every
-number comes from the results file."""
+"""The report's routing-rules section (whole names and the relation gate), from ``gate.json`` (``wisestream
+bench gate``). Rendering only: every number comes from the results file."""
 
 from __future__ import annotations
 
@@ -24,6 +24,14 @@ def _routed(m: dict[str, Any] | None, kind: str) -> str:
     return MISSING if value is None else f"{100 * value:.1f}%"
 
 
+def _clean(m: dict[str, Any]) -> str:
+    return significant(((m or {}).get("conflicts") or {}).get("locality_others"), 3)
+
+
+def _names(on: bool | None) -> str:
+    return MISSING if on is None else ("on" if on else "off")
+
+
 def _mean3(m: dict[str, Any]) -> str:
     tf = m.get("teacher_forced") or {}
     values = [tf.get(k) for k in _TF]
@@ -36,55 +44,85 @@ def gate_section(result: dict[str, Any] | None) -> list[str]:
         return []
     dev, mix = result["dev"], result["dev"].get("mixed")
     lines = [
-        "## Relation gate (`wise.keyed.min_similarity`)",
+        "## Routing rules: whole names and the relation gate",
         "",
-        "A query naming an edited subject is answered by that edit only when the cosine of its relation key to "
-        "the edit's reaches the gate; below it, the main memory answers. Every gate value's outcomes follow "
-        "from one measurement with the gate off and the pre-edit probes (tested against evaluations with the "
-        "gate set). Chosen on the development split only: the first "
-        f"{dev['counterfact_edits']} CounterFact development records (2000-2999) with the {mix} development "
-        f"edits mixed in ({dev['edits']} edits; each {mix} probe asks another relation of its own edited "
-        f"subject), by the rule: {dev['rule']}. Chosen: **{_gate(dev['chosen'])}**. Command: "
+        "Both rules only refuse routes (the main memory then answers, exactly as the unedited model does) and "
+        "change nothing the edits wrote: one edited state is measured under each setting. Chosen on the "
+        f"development split only: the first {dev['counterfact_edits']} CounterFact development records "
+        f"(2000-2999) with the {mix} development edits mixed in ({dev['edits']} edits; each {mix} probe asks "
+        f"another relation of its own edited subject), by the rule: {dev['rule']}. Command: "
         f"`{result.get('command', '')}`.",
         "",
-        f"| gate | Rel | Gen | Rel (gen.) | Gen (gen.) | CounterFact Loc | {mix} Loc | CounterFact loc. routed |",
+    ]
+    header = (
+        f"| Rel | Gen | Rel (gen.) | Gen (gen.) | CounterFact Loc | {mix} Loc | CounterFact loc. routed |"
+    )
+
+    def dev_cells(row: dict[str, Any]) -> str:
+        a, cf, mx = row["all"], row.get("counterfact"), row.get(mix)
+        cells = (
+            _cells(a, _TF[:2], "teacher_forced")
+            + _cells(a, _FREE, "generate")
+            + _cells(cf, ("locality",), "teacher_forced")
+            + _cells(mx, ("locality",), "teacher_forced")
+            + [_routed(cf, "locality")]
+        )
+        return " | ".join(cells) + " |"
+
+    if dev.get("names_rows"):
+        lines += [
+            "**Whole names** (`wise.keyed.whole_names`): a subject found inside a longer name (`Ireland` in "
+            f"`Jill Ireland`, `Daniel` in `Daniel Tammet`) does not route. Chosen: **{_names(dev.get('names_chosen'))}**.",
+            "",
+            "| whole names " + header,
+            "|" + " --- |" * 8,
+        ]
+        lines += [f"| {_names(row['whole_names'])} | " + dev_cells(row) for row in dev["names_rows"]]
+        lines.append("")
+    lines += [
+        "**Relation gate** (`wise.keyed.min_similarity`): a query naming an edited subject is answered by that "
+        "edit only when the cosine of its relation key to the edit's reaches the gate. Every gate value's "
+        "outcomes follow from one measurement with the gate off and the pre-edit probes (tested against "
+        "evaluations with the gate set); swept with the whole-name setting chosen above. Chosen: "
+        f"**{_gate(dev['chosen'])}**.",
+        "",
+        "| gate " + header,
         "|" + " --- |" * 8,
     ]
-    for row in dev["rows"]:
-        a, cf, mx = row["all"], row.get("counterfact"), row.get(mix)
-        lines.append(
-            f"| {_gate(row['gate'])} | "
-            + " | ".join(
-                _cells(a, _TF[:2], "teacher_forced")
-                + _cells(a, _FREE, "generate")
-                + _cells(cf, ("locality",), "teacher_forced")
-                + _cells(mx, ("locality",), "teacher_forced")
-                + [_routed(cf, "locality")]
-            )
-            + " |"
-        )
+    lines += [f"| {_gate(row['gate'])} | " + dev_cells(row) for row in dev["rows"]]
     if result.get("test"):
         lines += [
             "",
-            "The runs' final states with the gate off and at the chosen gate (their own edits, never looked at "
-            "while choosing); memory and serving cost do not change with the gate (one comparison per query):",
+            "The runs' final states under each setting (their own edits, never looked at while choosing); memory "
+            "and serving cost do not change with either rule (a few comparisons per query):",
             "",
-            "| run | T | gate | Rel | Gen | Loc | Rel (gen.) | Gen (gen.) | mean | locality routed |",
-            "|" + " --- |" * 10,
+            "| run | T | whole names | gate | Rel | Gen | Loc | Rel (gen.) | Gen (gen.) | mean | locality routed "
+            "| Loc, no conflict |",
+            "|" + " --- |" * 12,
         ]
         for name, test in result["test"].items():
             for row in test["rows"]:
                 m = row["metrics"]
                 cells = _cells(m, _TF, "teacher_forced") + _cells(m, _FREE, "generate")
                 lines.append(
-                    f"| {name} | {test['T']} | {_gate(row['gate'])} | "
-                    + " | ".join(cells + [_mean3(m), _routed(m, "locality")])
+                    f"| {name} | {test['T']} | {_names(row.get('whole_names'))} | {_gate(row['gate'])} | "
+                    + " | ".join(cells + [_mean3(m), _routed(m, "locality"), _clean(m)])
                     + " |"
                 )
+        conflicts = ", ".join(
+            f"{n} {t['rows'][0]['metrics'].get('conflicts', {}).get('probes', MISSING)} of {t['T']}"
+            for n, t in result["test"].items()
+        )
         checks = ", ".join(f"{n} {t['ungated_vs_result']:.1e}" for n, t in result["test"].items())
+        measured = ", ".join(f"{n} {t.get('free_generation_measured', 0)}" for n, t in result["test"].items())
         lines += [
             "",
-            "Gate off, remeasured here against the run's milestone result (largest absolute difference of a "
-            f"teacher-forced metric): {checks}.",
+            "Both rules off, remeasured here against the run's milestone result (largest absolute difference of "
+            f"a teacher-forced metric): {checks}. Free-generation outcomes with whole names on are the "
+            "milestone's where the rule leaves a probe's route alone and the pre-edit model's where it sends the "
+            f"probe to the main memory; probes routed to another edit instead are measured ({measured}). "
+            "*Loc, no conflict*: locality over the probes whose prompt is not itself an edit prompt of the run; "
+            "the others ask the model to keep an answer that the stream changed on purpose "
+            f"({conflicts} locality probes); the literature's locality (*Loc*) counts them and stays the headline.",
         ]
     return lines + [""]

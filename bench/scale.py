@@ -31,6 +31,7 @@ import torch
 from orchestrator.config import JobConfig
 from orchestrator.model_store import load_model
 from wise.config import WiseConfig
+from wise.keyed.names import name_flags
 from wise.keyed.router import KeyedLinear
 from wise.keyed.trainer import relation_projection
 from wise.layout import resolve_layout
@@ -200,12 +201,15 @@ def scale_benchmark(
     model.set_submodule(lay.module_path, keyed)
     hook = keyed.attach(model)
     projection = relation_projection(shape[1], cfg.wise.keyed.relation_dim, cfg.wise.seed)
+    flags = name_flags(tokenizer) if cfg.wise.keyed.whole_names else None
     try:
         for t in ts:
             mems = keyed_memories(cfg.wise, shape, t, subjects)
-            snap = ServingSnapshot.keyed(lay.module_path, mems, projection, torch.zeros(projection.shape[1]))
+            snap = ServingSnapshot.keyed(
+                lay.module_path, mems, projection, torch.zeros(projection.shape[1]), name_flags=flags
+            )
             nbytes = sum(snap.nbytes().values())
-            keyed.set_memories(mems, projection, None)
+            keyed.set_memories(mems, projection, None, name_flags=flags)
             overhead = routing_overhead(model, keyed, prompts, pad, repeats)
             rows.append(
                 _row("keyed", t, nbytes, model_bytes, overhead, _retention(Path(results), "keyed", t))

@@ -86,7 +86,15 @@ class KeyedConfig(FrozenConfig):
         description="an edit whose subject matches answers only if its relation key's cosine similarity to "
         "the query reaches this (None: the subject alone decides)",
     )
+    whole_names: bool = Field(
+        True,
+        description="a subject found inside a longer name ('Ireland' in 'Jill Ireland') does not route",
+    )
 
+
+# keyed settings read only when a query is routed: a state does not depend on them (benchmarks resume a run's
+# state when only these differ)
+KEYED_ROUTING_ONLY = ("min_similarity", "whole_names")
 
 # keys that only the shards layout (WISE's own: dense shards, margins, activation router) reads
 SHARD_ONLY = (

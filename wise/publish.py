@@ -95,15 +95,19 @@ class ServingSnapshot:
         projection: torch.Tensor,
         center: torch.Tensor | None,
         min_similarity: float | None = None,
+        name_flags: torch.Tensor | None = None,
     ) -> ServingSnapshot:
         """A keyed-layout snapshot: the blocks (and pending shards) plus the routing table of their live edits
-        (an edit whose prompt a later edit repeats is left out)."""
+        (an edit whose prompt a later edit repeats is left out); ``name_flags``: the whole-name rule's
+        vocabulary flags (:mod:`wise.keyed.names`), None when it is off."""
         from wise.keyed.editor import live_memories
 
         mems = [m for m in live_memories(list(memories)) if m.edit_ids]
         if not mems:
             raise PublishError("the state holds no side memory with an edit: nothing to serve")
         routing, max_len = keyed_routing(mems, projection, center)
+        if name_flags is not None:
+            routing["name_flags"] = name_flags.to(torch.uint8).cpu()
         return cls(
             module_path=module_path,
             reduce="mean",
@@ -146,19 +150,22 @@ def state_memories(tensors: dict[str, torch.Tensor], meta: dict) -> list[Memory]
 
 def snapshot_of(config: dict, module_path: str, memories: list[Memory], setup: dict) -> ServingSnapshot:
     """The snapshot of ``memories`` for the layout ``config`` (a dumped :class:`~wise.config.WiseConfig`),
-    ``setup`` holding the keyed layout's relation ``center`` (what the trainers share)."""
+    ``setup`` holding the keyed layout's relation ``center`` and ``name_flags`` (what the trainers share)."""
     if config.get("layout", "shards") == "keyed":
         from wise.keyed.trainer import relation_projection
 
         d_in = memories[0].delta.shape[1] if memories else 0
         proj = relation_projection(d_in, config["keyed"]["relation_dim"], config["seed"])
-        center = setup.get("center")
+        from wise.keyed.names import decode_flags
+
+        center, flags = setup.get("center"), setup.get("name_flags")
         return ServingSnapshot.keyed(
             module_path,
             memories,
             proj,
             None if center is None else torch.tensor(center, dtype=torch.float32),
             config["keyed"].get("min_similarity"),
+            None if flags is None or not config["keyed"].get("whole_names", True) else decode_flags(flags),
         )
     return ServingSnapshot.from_memories(module_path, config["router_reduce"], memories)
 
@@ -299,7 +306,7 @@ def keyed_flat(
         ids: (N,) their token ids.
         starts: (R + 1,) segment boundaries (``query_start_loc``).
         table: the routing tensors of :func:`keyed_routing` (on ``x``'s device, ``columns``/``memory_of`` long,
-            ``subject_groups`` long).
+            ``subject_groups`` long), with ``name_flags`` when the whole-name rule is on.
         max_len: the longest subject variant, in tokens.
         table_t: (K * d_in, d_out) the memories transposed and stacked.
         min_similarity: the relation gate (None: off).
@@ -326,6 +333,7 @@ def keyed_flat(
         table["projection"],
         table["center"],
         min_similarity,
+        table.get("name_flags"),
     )
     choice = res.choice[:r]
     if hold is not None:

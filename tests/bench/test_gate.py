@@ -1,16 +1,17 @@
-"""The relation gate benchmark: every gate value's outcomes from one gate-off measurement and the pre-edit
-probes must equal a real evaluation with that gate set on the router; the choice rule and the split of probes
-by record."""
+"""The routing-rules benchmark: every gate value's outcomes from one gate-off measurement and the pre-edit
+probes must equal a real evaluation with that gate set on the router, and so must the free-generation outcomes
+derived for whole names; the choice rules and the split of probes by record."""
 
 import dataclasses
 
 import pytest
 
-from bench.gate import _split, choose_gate, gate_probes, load_gate_config
+from bench.gate import _split, choose_gate, derive_free, gate_probes, load_gate_config, metrics_row, within
 from orchestrator.config import ConfigError
 from wise.config import WiseConfig
 from wise.evaluate import concat_probes, probe_records
 from wise.keyed.editor import KeyedEditor
+from wise.keyed.names import name_flags
 
 
 def _cfg():
@@ -60,6 +61,74 @@ def test_gated_probes_equal_an_evaluation_with_the_gate_set(tiny_model, tiny_tok
     kept = sum(r >= 0 for k in middle for r in middle[k])
     assert 0 < kept < len(sims)
     assert gate_probes(post, pre, None) == {**post, "route": post["route"], "ratio": post["ratio"]}
+
+
+def test_free_generation_derived_for_whole_names_equals_an_evaluation_with_them(
+    tiny_model, tiny_tokenizer, edits, pool
+):
+    ed = KeyedEditor(tiny_model, tiny_tokenizer, _cfg(), irrelevant=pool)
+    ed.apply(edits)
+    # the rule sends the first to the main memory and the second to another edit (Toko Yasuda stands alone)
+    records = list(edits) + [
+        dataclasses.replace(edits[0], id="n0", prompt="Jill Danielle Darrieux speaks", rephrase=()),
+        dataclasses.replace(
+            edits[1],
+            id="n1",
+            prompt="Jill Edwin of Northumbria met Toko Yasuda, who plays the",
+            rephrase=("Jill Edwin of Northumbria follows",),
+        ),
+    ]
+    args = (ed.model, ed.routed, ed.tokens, records)
+    flags = name_flags(tiny_tokenizer)
+    with ed.routed.names(None):
+        off = probe_records(*args, generate=True)
+    with ed.routed.names(flags):
+        real = probe_records(*args, generate=True)
+        on = probe_records(*args, generate=False)
+    pre = probe_records(*args, main_only=True, generate=True)
+    changed = [(a, b) for a, b in zip(on["route"]["edit"], off["route"]["edit"], strict=True) if a != b]
+    assert len(changed) == 2 and {a >= 0 for a, _ in changed} == {True, False}  # both derivations are used
+    asked = []
+
+    def measure(indices):
+        asked.append(indices)
+        with ed.routed.names(flags):
+            return probe_records(*args[:3], [records[i] for i in indices], generate=True)
+
+    assert derive_free(on, off, pre, measure) == 1 and asked == [[len(records) - 1]]
+    assert on["rel_hit"] == real["rel_hit"] and on["gen_hit"] == real["gen_hit"]
+
+
+def test_locality_probes_asking_an_edited_prompt_are_counted_apart(edits):
+    # e2's locality prompt is e0's edit prompt (case and final punctuation aside): the stream changed its answer
+    records = list(edits[:3])
+    records[2] = dataclasses.replace(records[2], locality_prompt=records[0].prompt.upper() + " ?")
+    probes = {
+        "records": 3,
+        "rel": [1.0, 1.0, 1.0],
+        "gen": [0.0, 0.0],
+        "gen_owner": [0, 1],
+        "loc": [1.0, 0.5, 0.0],
+        "loc_owner": [0, 1, 2],
+        "route": {"edit": [0, 1, 2], "rephrase": [0, 1], "locality": [-1, -1, 0]},
+        "ratio": {"edit": [1.0] * 3, "rephrase": [1.0] * 2, "locality": [0.0, 0.0, 1.0]},
+    }
+    row = metrics_row(probes, records)
+    assert row["teacher_forced"]["locality"] == 0.5
+    assert row["conflicts"] == {"probes": 1, "locality_others": 0.75}
+
+
+def test_whole_names_are_kept_only_within_tolerance():
+    base = {
+        "teacher_forced": {"reliability": 0.99, "generalization": 0.5},
+        "generate": {"reliability": 0.98, "generalization": 0.5},
+    }
+    close = {
+        "teacher_forced": {"reliability": 0.98, "generalization": 0.49},
+        "generate": {"reliability": 0.98, "generalization": 0.5},
+    }
+    far = {**close, "generate": {"reliability": 0.98, "generalization": 0.47}}
+    assert within(close, base, 0.02) and not within(far, base, 0.02)
 
 
 def test_split_then_concat_gives_back_the_probes():
@@ -127,6 +196,16 @@ def test_report_section_shows_the_sweep_the_choice_and_the_test_rows():
         "mixed": "samesubject",
         "rule": "highest gate within 0.02",
         "chosen": 0.25,
+        "names_chosen": True,
+        "names_rows": [
+            {
+                "whole_names": on,
+                "all": metrics(0.99, 0.9),
+                "counterfact": metrics(0.99, loc),
+                "samesubject": metrics(0.9, 0.5),
+            }
+            for on, loc in ((False, 0.95), (True, 0.96))
+        ],
         "rows": [
             {
                 "gate": g,
@@ -137,18 +216,26 @@ def test_report_section_shows_the_sweep_the_choice_and_the_test_rows():
             for g, same in ((None, 0.5), (0.25, 0.8))
         ],
     }
-    test = {"T": 9000, "ungated_vs_result": 1e-7, "rows": [{"gate": None, "metrics": metrics(0.9, 0.87)}]}
+    test = {
+        "T": 9000,
+        "ungated_vs_result": 1e-7,
+        "free_generation_measured": 3,
+        "rows": [{"whole_names": False, "gate": None, "metrics": metrics(0.9, 0.87)}],
+    }
     lines = gate_section(
         {"dev": dev, "test": {"keyed/counterfact-long": test}, "command": "wisestream bench gate"}
     )
     text = "\n".join(lines)
     assert (
         "Chosen: **0.25**" in text
+        and "Chosen: **on**" in text
         and "| off | 0.990 | 0.300 | 0.990 | 0.300 | 0.970 | 0.500 | 10.0% |" in text
+        and "| on | 0.990 | 0.300 | 0.990 | 0.300 | 0.960 | 0.500 | 10.0% |" in text
     )
     assert (
-        "| keyed/counterfact-long | 9000 | off | 0.900 | 0.300 | 0.870 | 0.900 | 0.300 | 0.690 | 10.0% |"
+        "| keyed/counterfact-long | 9000 | off | off | 0.900 | 0.300 | 0.870 | 0.900 | 0.300 | 0.690 | 10.0% |"
         in text
+        and "(keyed/counterfact-long 3)" in text
     )
     assert gate_section(None) == []
 

@@ -226,6 +226,27 @@ def test_keyed_editor_learns_edits_routes_by_subject_and_round_trips(tiny_model,
     assert cost["bytes_per_edit"] == cost["bytes"] / 3 and cost["percent_of_model"] == cost["bytes"] / 1e4
 
 
+def test_keyed_editor_and_snapshot_leave_a_subject_inside_a_longer_name_to_the_main_memory(
+    tiny_model, tiny_tokenizer, edits, pool
+):
+    inside = dataclasses.replace(
+        edits[0], id="p0", prompt="Jill Danielle Darrieux is a native speaker of", rephrase=()
+    )
+    ed = KeyedEditor(tiny_model, tiny_tokenizer, _cfg(), irrelevant=pool)
+    ed.apply(edits[:1])
+    res = evaluate_records(ed.model, ed.routed, ed.tokens, [*edits[:1], inside], generate=False)
+    assert [e["routed"] for e in res["per_edit"]] == [True, False]
+    ed.routed.name_flags = None  # the same router without the rule
+    res = evaluate_records(ed.model, ed.routed, ed.tokens, [*edits[:1], inside], generate=False)
+    assert [e["routed"] for e in res["per_edit"]] == [True, True]
+    # what a replica serves carries the rule, unless the state's settings turn it off
+    tensors, meta = ed.state_dict()
+    snap = ServingSnapshot.from_state(tensors, meta)
+    assert torch.equal(snap.routing["name_flags"], ed.trainer.name_flags)
+    meta["config"]["keyed"]["whole_names"] = False
+    assert "name_flags" not in ServingSnapshot.from_state(tensors, meta).routing
+
+
 def test_keyed_editor_retracts_and_supersedes(tiny_model, tiny_tokenizer, edits, pool):
     ed = KeyedEditor(tiny_model, tiny_tokenizer, _cfg(), irrelevant=pool)
     ed.apply(edits[:2])

@@ -106,6 +106,7 @@ class KeyedEditor:
             self.trainer.projection,
             self.trainer.center,
             self.cfg.keyed.min_similarity,
+            self.trainer.name_flags,
         )
 
     # ------------------------------------------------------------------ editing

@@ -44,6 +44,7 @@ class KeyedLinear(nn.Module):
         self.subjects: SubjectTable | None = None
         self.entry_ids: list[str] = []
         self.min_similarity: float | None = None
+        self.name_flags: torch.Tensor | None = None  # whole names (wise.keyed.names), None: off
         self._ids: torch.Tensor | None = None  # input ids of the current forward (see attach)
         self._span: torch.Tensor | None = None
         self._routing_enabled = True
@@ -73,13 +74,16 @@ class KeyedLinear(nn.Module):
         projection: torch.Tensor,
         center: torch.Tensor | None,
         min_similarity: float | None = None,
+        name_flags: torch.Tensor | None = None,
     ) -> None:
-        """Route among the edits of ``memories`` (in order; each with ``columns``, ``relkeys``, ``subjects``)."""
+        """Route among the edits of ``memories`` (in order; each with ``columns``, ``relkeys``, ``subjects``);
+        ``name_flags`` (:func:`wise.keyed.names.name_flags`) keeps subjects inside longer names from routing."""
         mems = [m for m in memories if m.columns is not None and m.relkeys is not None]
         dev, dtype = self.weight.device, self.weight.dtype
         self.projection = projection.to(dev, torch.float32)
         self.center = (torch.zeros(projection.shape[1]) if center is None else center).to(dev, torch.float32)
         self.min_similarity = min_similarity
+        self.name_flags = None if name_flags is None else name_flags.to(dev)
         if not mems or not sum(len(m.edit_ids) for m in mems):
             self.table_t = torch.zeros(0, self.d_out, device=dev, dtype=dtype)
             self.entry_ids, self.subjects = [], None
@@ -101,6 +105,17 @@ class KeyedLinear(nn.Module):
             yield
         finally:
             self._span = previous
+
+    @contextlib.contextmanager
+    def names(self, flags: torch.Tensor | None) -> Iterator[None]:
+        """Route with these whole-name flags (:func:`wise.keyed.names.name_flags`; None: every contiguous subject
+        match counts) inside this block, whatever the settings say (benchmarks compare the two)."""
+        previous = self.name_flags
+        self.name_flags = None if flags is None else flags.to(self.weight.device)
+        try:
+            yield
+        finally:
+            self.name_flags = previous
 
     @contextlib.contextmanager
     def main_only(self) -> Iterator[None]:
@@ -151,6 +166,7 @@ class KeyedLinear(nn.Module):
             self.projection,
             self.center,
             self.min_similarity,
+            self.name_flags,
         )
         self.last_ratio = torch.where(res.choice >= 0, 1.0 + res.similarity, torch.zeros_like(res.similarity))
         if self._holding:

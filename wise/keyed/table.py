@@ -8,7 +8,8 @@ wins (``Microsoft Office`` over ``Microsoft``), and when several edits share tha
 edited for several relations), the one whose **relation key** is nearest to the query's wins. The relation key
 is the mean activation at the edited layer of the prompt's tokens other than the subject's, centred on unrelated
 prompts and projected to a few hundred dimensions; ``min_similarity`` can refuse a query whose relation is too
-far from the edit's (a question about another fact of the same subject).
+far from the edit's (a question about another fact of the same subject). With ``name_flags``, a subject found
+inside a longer name (``"Ireland"`` in ``"Jill Ireland"``) does not match (:mod:`wise.keyed.names`).
 
 Why subjects and not the side memory's activation (WISE's router): on the embedded model the activation of
 a rephrase and of a same-relation prompt about a neighbouring subject overlap, so no threshold separates
@@ -27,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from wise.keyed.names import inside_name
 
 _M1, _B1 = 2_147_483_647, 1_000_003
 _M2, _B2 = 2_147_483_629, 999_983
@@ -157,6 +160,7 @@ def route(
     projection: torch.Tensor,
     center: torch.Tensor | None,
     min_similarity: float | None = None,
+    name_flags: torch.Tensor | None = None,
 ) -> RouteResult:
     """Choose the answering entry of every segment of a flattened batch.
 
@@ -170,6 +174,8 @@ def route(
         relkeys: (E, r) unit relation keys of the entries.
         projection: (d_in, r) relation projection; center: (r,) or None.
         min_similarity: entries whose relation similarity is below this do not answer (None: no gate).
+        name_flags: (V,) uint8 :func:`wise.keyed.names.name_flags`: a subject inside a longer name does not
+            match (None: every contiguous match counts).
 
     Returns:
         A :class:`RouteResult`.
@@ -178,9 +184,12 @@ def route(
     dev = ids.device
     lengths = torch.arange(1, table.max_len + 1, device=dev)  # (L,)
     hashes = ngram_hashes(ids, table.max_len)  # (N, L)
-    valid = lengths.unsqueeze(0) <= run_lengths(span, seg).unsqueeze(1)  # (N, L)
+    runs = run_lengths(span, seg)
+    valid = lengths.unsqueeze(0) <= runs.unsqueeze(1)  # (N, L)
     pos = torch.searchsorted(table.keys, hashes).clamp(max=table.keys.numel() - 1)  # (N, L)
     hit = valid & (table.keys[pos] == hashes)
+    if name_flags is not None:
+        hit = hit & ~inside_name(ids, seg, span, runs, table.max_len, name_flags)
     # per token the longest subject ending there, then per segment the longest (ties: the last one)
     tok_len = torch.where(hit, lengths.unsqueeze(0), torch.zeros_like(pos)).amax(1)  # (N,)
     tok_group = pos.gather(1, (tok_len - 1).clamp(min=0).unsqueeze(1)).squeeze(1)  # (N,)

@@ -27,6 +27,7 @@ from torch import nn
 from wise.batch import Row, Tokens
 from wise.config import WiseConfig
 from wise.engine import CachedEngine
+from wise.keyed.names import encode_flags, name_flags
 from wise.keyed.router import KeyedLinear
 from wise.keyed.table import relation_vectors, subject_positions
 from wise.layout import resolve_layout
@@ -105,6 +106,8 @@ class KeyedTrainer:
         self.templates: list[str] | None = None
         self.center: torch.Tensor | None = None  # (r,) mean relation vector of the irrelevant pool
         self._df: Counter[int] | None = None  # token document frequencies in the pool (derived subjects)
+        # whole-name routing flags of the vocabulary (wise.keyed.names), None when the rule is off
+        self.name_flags = name_flags(tokenizer) if cfg.keyed.whole_names else None
 
     # ------------------------------------------------------------------ setup
     @property
@@ -153,7 +156,10 @@ class KeyedTrainer:
         """Templates and the relation centre, JSON-able: what other replicas need to train identically."""
         self.ensure_ready()
         assert self.center is not None
-        return {"templates": self.templates, "center": self.center.float().cpu().tolist()}
+        state = {"templates": self.templates, "center": self.center.float().cpu().tolist()}
+        if self.name_flags is not None:
+            state["name_flags"] = encode_flags(self.name_flags)
+        return state
 
     def load_setup_state(self, state: dict) -> None:
         self.templates = None if state.get("templates") is None else list(state["templates"])
