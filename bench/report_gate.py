@@ -93,8 +93,9 @@ def gate_section(result: dict[str, Any] | None) -> list[str]:
     if result.get("test"):
         lines += [
             "",
-            "The runs' final states under each setting (their own edits, never looked at while choosing); memory "
-            "and serving cost do not change with either rule (a few comparisons per query):",
+            "The runs' final states under each setting (their own edits, never looked at while choosing). The gate "
+            "costs no memory; whole names add one flag byte per vocabulary token to the routing table, once; "
+            "neither changes the routed forward's time measurably (`wisestream bench scale`).",
             "",
             "| run | T | whole names | gate | Rel | Gen | Loc | Rel (gen.) | Gen (gen.) | mean | locality routed "
             "| Loc, no conflict |",

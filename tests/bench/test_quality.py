@@ -284,3 +284,18 @@ def test_smoke_of_the_default_layout_runs_end_to_end(tmp_path):
 @pytest.mark.slow
 def test_smoke_benchmark_runs_every_method_end_to_end(tmp_path):
     _smoke(tmp_path / "results", ("counterfact", "zsre"), SMOKE_METHODS, [])
+
+
+def test_a_run_resumes_when_only_routing_settings_differ():
+    from bench.milestones import state_part
+
+    keyed = {"columns": 64, "min_similarity": None}
+    old = {"settings": {"layout": "keyed", "keyed": keyed}, "records": ["a"]}
+    new = {
+        "settings": {"layout": "keyed", "keyed": {**keyed, "whole_names": True, "min_similarity": 0.2}},
+        "records": ["a"],
+    }
+    assert state_part(old) == state_part(new) and old["settings"]["keyed"] == keyed  # inputs untouched
+    other = {**new, "settings": {**new["settings"], "keyed": {**new["settings"]["keyed"], "columns": 32}}}
+    assert state_part(old) != state_part(other)
+    assert state_part({"settings": {"alpha": 1}}) == {"settings": {"alpha": 1}}  # no keyed settings
