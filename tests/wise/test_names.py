@@ -12,6 +12,7 @@ from wise.keyed.names import (
     decode_flags,
     encode_flags,
     name_flags,
+    name_span,
     token_flags,
 )
 from wise.keyed.table import SubjectTable, route
@@ -86,3 +87,12 @@ def test_flags_of_a_tokenizer_round_trip_through_their_encoding(tiny_tokenizer):
     assert torch.equal(decode_flags(encode_flags(flags)), flags)
     ids = tiny_tokenizer("Jill", add_special_tokens=False)["input_ids"]
     assert int(flags[ids[0]]) & NAME
+
+
+def test_a_derived_subject_span_grows_to_whole_words_and_the_name_around_them():
+    word, name, piece = SPACED | ALNUM | END_ALNUM, SPACED | ALNUM | NAME | END_ALNUM, ALNUM | END_ALNUM
+    # "The capital of| Pa|ris| Nord| is": rare tokens found: "ris" (2) only
+    flags = [ALNUM | END_ALNUM, word, word, name, piece, name, word]
+    assert name_span(flags, 4, 5) == (3, 6)  # " Paris Nord"
+    assert name_span(flags, 1, 2) == (1, 2)  # a lower-case word stays itself
+    assert name_span(flags, 3, 3) == (3, 3)  # empty

@@ -112,17 +112,53 @@ def token_flags(text: str, spaced: bool | None = None) -> int:
     return flags
 
 
-def name_flags(tokenizer) -> torch.Tensor:
-    """(V,) uint8 flags of every token of ``tokenizer``'s vocabulary."""
-    n = len(tokenizer)
-    pieces = tokenizer.convert_ids_to_tokens(list(range(n)))
-    flags = [
+def flags_of(tokenizer, ids) -> list[int]:
+    """The flags of the tokens ``ids`` of ``tokenizer``."""
+    pieces = tokenizer.convert_ids_to_tokens(list(ids))
+    return [
         0
         if p is None
         else token_flags(tokenizer.convert_tokens_to_string([p]), p[:1] in ("\u0120", "\u2581") or None)
         for p in pieces
     ]
-    return torch.tensor(flags, dtype=torch.uint8)
+
+
+def name_flags(tokenizer) -> torch.Tensor:
+    """(V,) uint8 flags of every token of ``tokenizer``'s vocabulary."""
+    return torch.tensor(flags_of(tokenizer, range(len(tokenizer))), dtype=torch.uint8)
+
+
+def name_span(flags: list[int], start: int, end: int) -> tuple[int, int]:
+    """Tokens ``[start, end)`` widened to whole words, then to the name words next to them: the span the
+    whole-name rule accepts as a subject (a subject derived from a few rare tokens of a prompt)."""
+
+    def glued(i: int) -> bool:
+        return (
+            0 < i < len(flags)
+            and bool(flags[i] & ALNUM)
+            and not flags[i] & SPACED
+            and bool(flags[i - 1] & END_ALNUM)
+        )
+
+    def word_start(i: int) -> int:
+        while glued(i):
+            i -= 1
+        return i
+
+    def word_end(i: int) -> int:  # i: a word's first token; returns one past its last
+        i += 1
+        while glued(i):
+            i += 1
+        return i
+
+    if end <= start:
+        return start, end
+    start, end = word_start(start), word_end(end - 1)
+    while start > 0 and flags[word_start(start - 1)] & NAME:
+        start = word_start(start - 1)
+    while end < len(flags) and flags[end] & NAME:
+        end = word_end(end)
+    return start, end
 
 
 def encode_flags(flags: torch.Tensor) -> str:
@@ -182,6 +218,8 @@ def inside_name(
 
 __all__ = [
     "ALNUM",
+    "flags_of",
+    "name_span",
     "END_ALNUM",
     "FUNCTION_WORDS",
     "NAME",

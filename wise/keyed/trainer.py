@@ -27,7 +27,7 @@ from torch import nn
 from wise.batch import Row, Tokens
 from wise.config import WiseConfig
 from wise.engine import CachedEngine
-from wise.keyed.names import encode_flags, name_flags
+from wise.keyed.names import encode_flags, flags_of, name_flags, name_span
 from wise.keyed.router import KeyedLinear
 from wise.keyed.table import relation_vectors, subject_positions
 from wise.layout import resolve_layout
@@ -196,7 +196,8 @@ class KeyedTrainer:
         """Token ids of the edit's subject mid-sentence (``" X"``) and at a prompt's start (``"X"``).
 
         A record without a ``subject`` gets the longest run of its prompt's tokens that are rare in the
-        irrelevant pool (in at most 2% of its prompts): the words that name the entity, not the relation.
+        irrelevant pool (in at most 2% of its prompts), widened to whole words and to the capitalised words next
+        to them (:func:`wise.keyed.names.name_span`): the words that name the entity, not the relation.
         """
         subject = (getattr(edit, "subject", None) or "").strip() or self._derived_subject(edit.prompt)
         variants: list[list[int]] = []
@@ -223,7 +224,8 @@ class KeyedTrainer:
                 start = None
         if best[1] == best[0]:
             return prompt
-        return self.tokens.tokenizer.decode(ids[best[0] : best[1]]).strip() or prompt
+        start, end = name_span(flags_of(self.tokens.tokenizer, ids), *best)  # whole words, whole name
+        return self.tokens.tokenizer.decode(ids[start:end]).strip() or prompt
 
     # ------------------------------------------------------------------ training
     def validate(self, edit: EditLike) -> None:
