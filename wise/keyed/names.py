@@ -2,15 +2,17 @@
 
 Subject matching is on tokens, so an edited ``"Ireland"`` is found in ``"Jill Ireland is originally from"``
 and an edited ``"Daniel"`` in ``"Daniel Tammet speaks"``: questions about other entities that the edit must
-not answer. A match is refused when the token after it continues the name (a capitalised word, or a piece glued
-to the last word: ``" Tammet"``, ``"s"``), or the token before it is a capitalised word other than a function
-word that opens a sentence (``"Jill"``, but not ``"In"`` in ``"In Romania, ..."`` or ``"The"``), or glues the
-match's first word to a word before it.
+not answer. A match is refused when the token after it continues the name (opens a capitalised word, or glues
+to the match's last word: ``" Tammet"``, ``"s"``), or the word before it (read back to its first token) is a
+capitalised word other than a function word that opens a sentence (``"Jill"``, but not ``"In"`` in ``"In
+Romania, ..."`` or ``"The"``), or the match's first token glues to the word before it.
 
 The rule reads one flag byte per vocabulary token (:func:`name_flags`, from the tokenizer). It only refuses
-matches; a refused one leaves the query to a shorter subject elsewhere in it, or to the main memory. Limits: a
-capitalised word before the match is recognised by its last token, and lower-case name parts (``"de"`` in
-``"Orchestre National de Lyon"``) are not name parts to it.
+matches; a refused one leaves the query to a shorter subject elsewhere in it, or to the main memory. Limits:
+lower-case name parts (``"de"`` in ``"Orchestre National de Lyon"``) are not name parts to it, and a
+tokenizer that makes a space a token of its own hides the word after the match from it (byte-level BPE and
+SentencePiece attach spaces to words). A subject derived from a record without one is widened to whole words
+and the name around them (:func:`name_span`), so an edit's own prompt still routes.
 """
 
 from __future__ import annotations
