@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -250,17 +251,27 @@ def derive_free(on: dict, off: dict, pre: dict, measure) -> int:
         on[hit] = values
     if not todo:
         return 0
-    owners = {key: on.get(f"{key}_owner", range(on["records"])) for key in todo}
-    wanted = sorted({owners[key][i] for key, idx in todo.items() for i in idx})
+
+    def slots(probes: dict, key: str) -> list[tuple[int, int]]:
+        """(record, how many earlier probes of the same record) per probe: a probe's place across slices."""
+        seen: Counter[int] = Counter()
+        out = []
+        for o in probes.get(f"{key}_owner", range(probes["records"])):
+            out.append((o, seen[o]))
+            seen[o] += 1
+        return out
+
+    places = {key: slots(on, key) for key in todo}
+    wanted = sorted({places[key][i][0] for key, idx in todo.items() for i in idx})
     sub = measure(wanted)
     local = {o: j for j, o in enumerate(wanted)}
     for key, _kind, hit in KINDS[:2]:
-        sub_owner = list(sub.get(f"{key}_owner", range(sub["records"])))
-        for i in todo.get(key, []):
-            o = owners[key][i]
-            ordinal = sum(1 for p in range(i) if owners[key][p] == o)
-            j = [p for p, so in enumerate(sub_owner) if so == local[o]][ordinal]
-            on[hit][i] = sub[hit][j]
+        if key not in todo:
+            continue
+        where = {place: j for j, place in enumerate(slots(sub, key))}
+        for i in todo[key]:
+            o, ordinal = places[key][i]
+            on[hit][i] = sub[hit][where[(local[o], ordinal)]]
     return sum(len(v) for v in todo.values())
 
 
