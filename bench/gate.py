@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from bench.milestones import edit_until, milestone_path, resume_editor, write_json
 from bench.quality import (
@@ -41,13 +41,13 @@ from bench.quality import (
     QualityConfig,
     dataset_records,
     interleave,
+    load_spec,
     method_settings,
     plan_mixed,
     plan_run,
     pre_probes_dir,
-    yaml_load,
 )
-from orchestrator.config import ConfigError, format_errors
+from orchestrator.config import ConfigError
 from wise.config import FrozenConfig
 
 logger = logging.getLogger(__name__)
@@ -76,10 +76,7 @@ def load_gate_config(path: str | Path) -> GateSpec:
     Raises:
         ConfigError: unknown keys or bad values, with the key path.
     """
-    try:
-        return GateSpec.model_validate(yaml_load(path))
-    except ValidationError as err:
-        raise ConfigError(f"{path}: " + "; ".join(format_errors(err).splitlines())) from None
+    return load_spec(GateSpec, path)
 
 
 def routing_tag(flags) -> str:
@@ -177,10 +174,13 @@ def _dev_rows(probes: dict, records: Sequence, cut: int, mix_name: str | None) -
     return row
 
 
-def develop(qcfg: QualityConfig, spec: GateSpec, settings, make, work: Path) -> dict[str, Any]:
+def develop(
+    qcfg: QualityConfig, spec: GateSpec, settings, make, work: Path, pre_cache: Path | None = None
+) -> dict[str, Any]:
     """Edit the development records once (resumable), probe them with whole names off and on and on the
-    pre-edit model, choose whole names, then measure every gate of the grid: rows for all development edits,
-    the CounterFact ones and the mixed ones, and the settings chosen."""
+    pre-edit model (kept in ``pre_cache``, by default beside the state: they do not depend on the settings),
+    choose whole names, then measure every gate of the grid: rows for all development edits, the CounterFact
+    ones and the mixed ones, and the settings chosen."""
     from wise.evaluate import cached_probes
     from wise.keyed.names import name_flags
 
@@ -213,7 +213,11 @@ def develop(qcfg: QualityConfig, spec: GateSpec, settings, make, work: Path) -> 
     names = within(names_rows[1]["all"], names_rows[0]["all"], spec.tolerance)
     logger.info("whole names chosen on the development split: %s", names)
     pre = cached_probes(
-        *args, cache=work_dir / "probes-pre", main_only=True, generate=qcfg.generate, progress=True
+        *args,
+        cache=pre_cache or work_dir / "probes-pre",
+        main_only=True,
+        generate=qcfg.generate,
+        progress=True,
     )
     rows = [
         {"gate": gate, **_dev_rows(gate_probes(posts[names], pre, gate), records, cut, mix_name)}
@@ -226,6 +230,7 @@ def develop(qcfg: QualityConfig, spec: GateSpec, settings, make, work: Path) -> 
         "counterfact_edits": cut,
         "mixed": mix_name,
         "seconds_per_edit": progress["edit_seconds"] / max(1, progress["applied"]),
+        "steps_per_edit": sum(progress["steps"]) / max(1, len(progress["steps"])),
         "names_rows": names_rows,
         "names_chosen": names,
         "rows": rows,

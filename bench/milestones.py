@@ -149,15 +149,17 @@ def _snapshot_dir(work_dir: Path, t: int) -> Path:
 
 def state_part(fingerprint: dict[str, Any]) -> dict[str, Any]:
     """What of a run's fingerprint its state depends on: all but the keyed layout's routing-only settings
-    (:data:`wise.config.KEYED_ROUTING_ONLY`), which change how queries are routed, not what the edits wrote."""
-    from wise.config import KEYED_ROUTING_ONLY
+    (:data:`wise.config.KEYED_ROUTING_ONLY`), which change how queries are routed, not what the edits wrote.
+    A keyed setting added after the run was recorded takes the value such runs were made with
+    (:data:`wise.config.KEYED_ADDED`)."""
+    from wise.config import KEYED_ADDED, KEYED_ROUTING_ONLY
 
     keyed = fingerprint.get("settings", {}).get("keyed")
     if not isinstance(keyed, dict):
         return fingerprint
     settings = {
         **fingerprint["settings"],
-        "keyed": {k: v for k, v in keyed.items() if k not in KEYED_ROUTING_ONLY},
+        "keyed": {k: v for k, v in {**KEYED_ADDED, **keyed}.items() if k not in KEYED_ROUTING_ONLY},
     }
     return {**fingerprint, "settings": settings}
 

@@ -168,6 +168,18 @@ def yaml_load(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def load_spec(cls: type[BaseModel], path: str | Path) -> Any:
+    """A benchmark config file validated as ``cls``.
+
+    Raises:
+        ConfigError: unreadable, not YAML, unknown keys or bad values (with the key path).
+    """
+    try:
+        return cls.model_validate(yaml_load(path))
+    except ValidationError as err:
+        raise ConfigError(f"{path}: " + "; ".join(format_errors(err).splitlines())) from None
+
+
 # ---------------------------------------------------------------------------------------------- editors
 def method_settings(spec: MethodSpec, smoke: bool = False) -> BaseModel:
     """The validated config object of a method (WiseConfig, FTLConfig or GraceConfig); ``smoke`` applies the

@@ -15,6 +15,7 @@ Inputs under the results directory:
   --out ...`` (seconds per edit by editor and by stage, the job against its engine; :mod:`bench.report_speed`).
 - ``gate.json``: ``wisestream bench gate`` (the keyed relation gate's development sweep and test runs;
   :mod:`bench.report_gate`); the section is left out when there is none.
+- ``values.json``: ``wisestream bench values`` (the output vectors' development choice; same module).
 
 Every retention number stands beside its cost: the quality tables carry bytes per edit and memory as a share of
 the model from each result's ``memory`` block (an en dash where a result has none).
@@ -36,7 +37,7 @@ from bench.report_cost import (
     scale_section,
     scale_table,
 )
-from bench.report_gate import gate_section
+from bench.report_gate import gate_section, values_section
 from bench.report_speed import edit_speed_section
 from orchestrator.report import format_number
 
@@ -49,7 +50,7 @@ METRICS = (
     ("generate", "reliability", "Rel (gen.)"),
     ("generate", "generalization", "Gen (gen.)"),
 )
-METHOD_ORDER = ("keyed", "wise-retrieve", "wise-merge", "ft-l", "grace")
+METHOD_ORDER = ("keyed-values", "keyed", "wise-retrieve", "wise-merge", "ft-l", "grace")
 
 
 def _load(path: Path) -> dict[str, Any] | None:
@@ -472,6 +473,7 @@ def render_report(results: str | Path, planned: dict[str, list[int]] | None = No
             ]
         lines += [f"![{dataset}]({png.name})", ""]
     lines += gate_section(_load(results / "gate.json"))
+    lines += values_section(_load(results / "values.json"))
     scale = _load(results / "scale.json")
     lines += scale_section(scale, results, _machine_line(scale.get("machine")) if scale else "")
     for extra in sorted(results.glob("scale_*.json")):  # further T's measured by a separate command

@@ -127,3 +127,35 @@ def gate_section(result: dict[str, Any] | None) -> list[str]:
             f"({conflicts} locality probes); the literature's locality (*Loc*) counts them and stays the headline.",
         ]
     return lines + [""]
+
+
+def values_section(result: dict[str, Any] | None) -> list[str]:
+    """Markdown lines: the output-vector settings tried on the development split and the one chosen
+    (``values.json``, ``wisestream bench values``)."""
+    if not result:
+        return []
+    lines = [
+        "## Output vectors: chosen on the development split",
+        "",
+        f"Each setting edits the gate benchmark's development stream ({result['edits']} edits: CounterFact "
+        "development records with the same-subject development edits mixed in) into its own state; whole names "
+        f"on, no gate. Rule: {result['rule']}. Command: `{result.get('command', '')}`.",
+        "",
+        "| wise.keyed | Rel | Gen | Loc | mean | Rel (gen.) | Gen (gen.) | CounterFact Gen | CounterFact Loc "
+        "| same-subject Loc | optimizer steps per edit |",
+        "|" + " --- |" * 11,
+    ]
+    for row in result["rows"]:
+        keyed = ", ".join(f"{k}: {v}" for k, v in row["keyed"].items())
+        mark = " (chosen)" if row["keyed"] == result["chosen"] else ""
+        cf, same = row.get("counterfact") or {}, row.get("samesubject") or {}
+        cells = [
+            *_cells(row["all"], _TF, "teacher_forced"),
+            _mean3(row["all"]),
+            *_cells(row["all"], _FREE, "generate"),
+            *_cells(cf, ("generalization", "locality"), "teacher_forced"),
+            *_cells(same, ("locality",), "teacher_forced"),
+            significant(row.get("steps_per_edit"), 2),
+        ]
+        lines.append(f"| {keyed}{mark} | " + " | ".join(cells) + " |")
+    return lines + [""]

@@ -70,6 +70,7 @@ def keyed_memories(
                 columns=torch.stack([torch.randperm(shape[1], generator=gen)[:k] for _ in range(n)]),
                 relkeys=torch.nn.functional.normalize(torch.randn(n, r, generator=gen), dim=-1).half(),
                 subjects=[subjects[(j * per + i) % len(subjects)] for i in range(n)],
+                values=torch.randn(n, shape[0], generator=gen).half() if wise.keyed.values else None,
             )
         )
     return mems
@@ -195,6 +196,8 @@ def scale_benchmark(
         if r.subject
     ]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    # the quality benchmark's method with these settings: retention beside the cost
+    method = "keyed-values" if cfg.wise.keyed.values else "keyed"
     rows = []
 
     keyed = KeyedLinear(lay.module)
@@ -211,9 +214,7 @@ def scale_benchmark(
             nbytes = sum(snap.nbytes().values())
             keyed.set_memories(mems, projection, None, name_flags=flags)
             overhead = routing_overhead(model, keyed, prompts, pad, repeats)
-            rows.append(
-                _row("keyed", t, nbytes, model_bytes, overhead, _retention(Path(results), "keyed", t))
-            )
+            rows.append(_row("keyed", t, nbytes, model_bytes, overhead, _retention(Path(results), method, t)))
             logger.info("keyed T=%d: %s", t, rows[-1])
             del mems, snap
             keyed.set_memories([], projection, None)

@@ -172,6 +172,8 @@ class WiseRoutedProjection(nn.Module):
         }
         if "name_flags" in routing:
             table["name_flags"] = routing["name_flags"].to(dev, torch.uint8)
+        if "values" in routing:
+            table["values"] = routing["values"].to(dev, self.table_t.dtype)
         self.table_t = torch.cat(parts).contiguous() if parts else self.table_t[:0]
         self.routing_table, self.max_len, self.min_similarity = table, int(max_len), min_similarity
         self.count, self.ids, self.version = len(ids), list(ids), int(version)

@@ -90,11 +90,20 @@ class KeyedConfig(FrozenConfig):
         True,
         description="a subject found inside a longer name ('Ireland' in 'Jill Ireland') does not route",
     )
+    values: bool = Field(
+        False,
+        description="each edit also learns one output vector of its own, added at every token of a query "
+        "routed to it (d_out half-precision numbers per edit)",
+    )
+    value_lr: float = Field(5.0, gt=0, description="Adam learning rate of an edit's output vector")
 
 
 # keyed settings read only when a query is routed: a state does not depend on them (benchmarks resume a run's
 # state when only these differ)
 KEYED_ROUTING_ONLY = ("min_similarity", "whole_names")
+# keyed settings added after states were written, with the value such a state was made with (a benchmark's
+# recorded settings that lack one of these keys mean that value)
+KEYED_ADDED = {"values": False, "value_lr": 5.0}
 
 # keys that only the shards layout (WISE's own: dense shards, margins, activation router) reads
 SHARD_ONLY = (

@@ -56,6 +56,7 @@ def empty_shard(cfg: WiseConfig, shape: Sequence[int], dtype: torch.dtype, shard
             shard_ids=[shard_id],
             columns=torch.zeros(0, cfg.keyed.columns, dtype=torch.long),
             relkeys=torch.zeros(0, cfg.keyed.relation_dim, dtype=torch.float16),
+            values=torch.zeros(0, delta.shape[0], dtype=torch.float16) if cfg.keyed.values else None,
         )
     return Memory(delta, shard_ids=[shard_id])
 

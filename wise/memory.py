@@ -45,6 +45,7 @@ class Memory:
     subjects: list[list[list[int]]] = field(
         default_factory=list
     )  # keyed: per edit its subject token variants
+    values: torch.Tensor | None = None  # keyed with values: (E, d_out) float16, each edit's own output vector
 
     def meta(self) -> dict:
         out = {
@@ -67,6 +68,8 @@ class Memory:
         if self.columns is not None and self.relkeys is not None:
             out[f"{prefix}.columns"] = self.columns.to(torch.int32).contiguous().cpu()
             out[f"{prefix}.relkeys"] = self.relkeys.to(torch.float16).contiguous().cpu()
+        if self.values is not None:
+            out[f"{prefix}.values"] = self.values.to(torch.float16).contiguous().cpu()
         return out
 
     def drop(self, ids: set[str]) -> list[str]:
@@ -86,6 +89,8 @@ class Memory:
             self.columns = self.columns[index]
             self.relkeys = self.relkeys[index]
             self.subjects = [self.subjects[i] for i in keep]
+            if self.values is not None:
+                self.values = self.values[index]
         return gone
 
     @classmethod
@@ -111,6 +116,7 @@ class Memory:
             tensors[f"{prefix}.columns"].long() if keyed else None,
             tensors[f"{prefix}.relkeys"] if keyed else None,
             [[list(v) for v in s] for s in meta.get("subjects", [])] if keyed else [],
+            tensors.get(f"{prefix}.values"),
         )
 
     def detached(self) -> Memory:
@@ -126,6 +132,7 @@ class Memory:
             None if self.columns is None else self.columns.clone(),
             None if self.relkeys is None else self.relkeys.clone(),
             [[list(v) for v in s] for s in self.subjects],
+            None if self.values is None else self.values.clone(),
         )
 
 

@@ -175,7 +175,8 @@ def keyed_routing(
 ) -> tuple[dict[str, torch.Tensor], int]:
     """The keyed routing table of ``mems`` as tensors (and the longest subject): ``columns`` (E, k),
     ``memory_of`` (E,), ``relkeys`` (E, r), ``subject_keys`` (G,) / ``subject_groups`` (G, W) (the
-    :class:`~wise.keyed.table.SubjectTable`), ``projection`` (d_in, r) and ``center`` (r,)."""
+    :class:`~wise.keyed.table.SubjectTable`), ``projection`` (d_in, r), ``center`` (r,) and, with
+    ``keyed.values``, ``values`` (E, d_out)."""
     from wise.keyed.table import SubjectTable
 
     table = SubjectTable.build([s for m in mems for s in m.subjects])
@@ -190,6 +191,8 @@ def keyed_routing(
         "projection": projection.to(torch.float16).contiguous(),
         "center": (torch.zeros(projection.shape[1]) if center is None else center).to(torch.float32),
     }
+    if all(m.values is not None for m in mems):  # keyed.values: each edit's own output vector
+        routing["values"] = torch.cat([m.values for m in mems]).to(torch.float16)  # type: ignore[misc]
     return routing, table.max_len
 
 
@@ -250,6 +253,8 @@ def decode_package(data: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
         n = tensors["routing.columns"].shape[0]
         if tensors["routing.memory_of"].shape != (n,) or tensors["routing.relkeys"].shape[0] != n:
             raise PublishError("keyed routing table: columns, memory_of and relkeys disagree on the edits")
+        if "routing.values" in tensors and tensors["routing.values"].shape[0] != n:
+            raise PublishError("keyed routing table: values and columns disagree on the edits")
     return header, tensors
 
 
@@ -339,7 +344,7 @@ def keyed_flat(
     if hold is not None:
         choice = hold.apply(choice, starts)
     per_token = torch.cat([choice, choice.new_full((1,), -1)])[seg]
-    return residual(x, per_token, table["columns"], table["memory_of"], table_t)
+    return residual(x, per_token, table["columns"], table["memory_of"], table_t, table.get("values"))
 
 
 def route_flat(

@@ -129,6 +129,24 @@ def _bench_quality(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_values(args: argparse.Namespace) -> int:
+    from bench.quality import invoked_command
+    from bench.values import load_values_config, values_benchmark
+
+    spec = load_values_config(args.config)
+    out = Path(args.out or spec.output)
+    result = values_benchmark(spec, out, invoked_command(args.argv))
+    summary = {
+        "chosen": result["chosen"],
+        "rows": [
+            {"keyed": r["keyed"], "mean": r["mean"], **r["all"]["teacher_forced"]} for r in result["rows"]
+        ],
+        "out": str(out),
+    }
+    sys.stdout.write(json.dumps(summary) + "\n")
+    return 0
+
+
 def _bench_gate(args: argparse.Namespace) -> int:
     from bench.gate import gate_benchmark, load_gate_config
     from bench.quality import invoked_command, load_quality_config
@@ -366,6 +384,13 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("--config", type=Path, default=Path("configs/bench/gate.yaml"))
     gate.add_argument("--out", help="result JSON (default: the config's output)")
     gate.set_defaults(func=_bench_gate)
+    values = bench_sub.add_parser(
+        "values",
+        help="the keyed layout's output vectors (keyed.values, value_lr): chosen on the development split",
+    )
+    values.add_argument("--config", type=Path, default=Path("configs/bench/values.yaml"))
+    values.add_argument("--out", help="result JSON (default: the config's output)")
+    values.set_defaults(func=_bench_values)
     report = bench_sub.add_parser("report", help="render REPORT.md and plots from the results files")
     report.add_argument("--config", type=Path, default=Path("configs/bench/quality.yaml"))
     report.add_argument("--results", help="results directory (default: the config's output)")

@@ -9,7 +9,7 @@ import torch
 
 from bench.milestones import evaluate_deferred, milestone_path, sequential_run
 from bench.quality import load_quality_config, method_settings, plan_run, planned_milestones
-from orchestrator.config import ConfigError
+from orchestrator.config import ConfigError, load_config
 from wise.config import WiseConfig
 from wise.editor import WiseEditor
 from wise.evaluate import evaluate_records
@@ -173,14 +173,21 @@ def test_shipped_benchmark_config_is_valid():
     assert all((ROOT / r.mix.path).exists() for r in cfg.runs if r.mix)
     runs = {r.name: r.max_t for r in cfg.runs}
     assert runs["keyed/zsre"] == runs["keyed/counterfact"] == runs["wise-retrieve/zsre"] == 1000
-    assert runs["keyed/counterfact-long"] == 9000
-    assert all(t >= 100 for t in runs.values()) and len(runs) == 11
+    assert runs["keyed/counterfact-long"] == runs["keyed-values/counterfact-long"] == 9000
+    assert all(t >= 100 for t in runs.values()) and len(runs) == 12
     assert method_settings(cfg.methods["wise-merge"]).retrieve is False
     assert method_settings(cfg.methods["keyed"]).layout == "keyed"
+    # keyed-values is the default job's editor; keyed the same with columns only
+    job = load_config(ROOT / "configs" / "default.yaml").wise
+    assert method_settings(cfg.methods["keyed-values"]) == job and job.keyed.values
+    assert method_settings(cfg.methods["keyed"]).keyed == job.keyed.model_copy(update={"values": False})
     smoke = load_quality_config(path, smoke=True)
     assert smoke.milestones == (1, 2) and all(r.max_t == 2 for r in smoke.runs)
     # the long run is left out of the smoke run
-    assert {r.name for r in smoke.runs} == set(runs) - {"keyed/counterfact-long"}
+    assert {r.name for r in smoke.runs} == set(runs) - {
+        "keyed/counterfact-long",
+        "keyed-values/counterfact-long",
+    }
     # editing with deferred evaluation and measuring the deferred milestones are separate invocations
     from bench.quality import quality_benchmark
 
@@ -219,8 +226,13 @@ def test_a_dataset_shorter_than_a_milestone_ends_at_its_last_valid_edit(tmp_path
     shipped = planned_milestones(load_quality_config(ROOT / "configs" / "bench" / "quality.yaml"))
     assert shipped["wise-retrieve/zsre"] == shipped["keyed/zsre"] == [1, 10, 100, 998]
     assert shipped["keyed/counterfact"] == [1, 10, 100, 1000]
-    assert shipped["keyed/counterfact-long"] == [1000, 2000, 5000, 9000]
+    assert (
+        shipped["keyed/counterfact-long"]
+        == shipped["keyed-values/counterfact-long"]
+        == [1000, 2000, 5000, 9000]
+    )
     long = {"wise-retrieve/zsre", "keyed/zsre", "keyed/counterfact", "keyed/counterfact-long"}
+    long |= {"keyed-values/counterfact-long"}
     assert all(m == [1, 10, 100] for name, m in shipped.items() if name not in long)
     # a dataset without one valid edit is an error naming it, not an empty run
     data.write_text(json.dumps([{**records[1]}]))

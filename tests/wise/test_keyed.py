@@ -106,15 +106,17 @@ def test_route_picks_the_longest_subject_then_the_nearest_relation():
     assert route(*args, min_similarity=1.01).choice.tolist() == [-1] * len(seqs)
 
 
-def test_residual_is_the_masked_dense_product_of_the_entry_memory():
+@pytest.mark.parametrize("with_values", [False, True])
+def test_residual_is_the_masked_dense_product_of_the_entry_memory(with_values):
     d_in, d_out, k = 10, 3, 4
     mems = torch.randn(2, d_out, d_in)
     columns = torch.stack([torch.randperm(d_in)[:k] for _ in range(3)])
     memory_of = torch.tensor([0, 1, 1])
+    values = torch.randn(3, d_out) if with_values else None
     x = torch.randn(5, d_in)
     entry = torch.tensor([0, -1, 2, 1, 2])
     table_t = torch.cat([m.T for m in mems])
-    got = residual(x, entry, columns, memory_of, table_t)
+    got = residual(x, entry, columns, memory_of, table_t, values)
     for t in range(5):
         e = int(entry[t])
         if e < 0:
@@ -122,7 +124,8 @@ def test_residual_is_the_masked_dense_product_of_the_entry_memory():
             continue
         mask = torch.zeros(d_in)
         mask[columns[e]] = 1
-        torch.testing.assert_close(got[t], mems[memory_of[e]] @ (x[t] * mask))
+        want = mems[memory_of[e]] @ (x[t] * mask)
+        torch.testing.assert_close(got[t], want + values[e] if with_values else want)
 
 
 def test_edit_columns_are_a_pure_function_of_seed_and_index():
@@ -264,17 +267,78 @@ def test_keyed_editor_retracts_and_supersedes(tiny_model, tiny_tokenizer, edits,
     assert "e1" not in ed.applied_ids() and ed.bank.superseded == ["e1"]
 
 
-# ---------------------------------------------------------------------------------------------- serving
-def test_flat_held_route_equals_the_hf_router_over_prefill_and_decode(
+# value_lr in units of the edited layer's output: the tiny model's are far smaller than SmolLM2's
+VALUES = {
+    "columns": 16,
+    "n_iter": 40,
+    "lr": 0.1,
+    "early_stop_loss": 0.05,
+    "block_edits": 4,
+    "values": True,
+    "value_lr": 0.1,
+}
+
+
+def test_keyed_values_are_one_vector_per_live_edit_and_travel_with_it(
     tiny_model, tiny_tokenizer, edits, pool
+):
+    """keyed.values: every edit stores its own output vector beside its columns; merging, reloading,
+    retracting and superseding keep vectors and edits aligned, and the state's cost counts them."""
+    from orchestrator.report import memory_cost
+
+    fresh = copy.deepcopy(tiny_model)
+    ed = KeyedEditor(tiny_model, tiny_tokenizer, _cfg(keyed=VALUES), irrelevant=pool)
+    ed.apply(edits[:3])
+    d_out = ed.routed.d_out
+    assert ed.merged[0].values.shape == (2, d_out) and ed.active.values.shape == (1, d_out)
+    assert ed.merged[0].values.dtype == torch.float16 and torch.count_nonzero(ed.merged[0].values) > 0
+    res = evaluate_records(ed.model, ed.routed, ed.tokens, edits[:3], generate=False)
+    assert res["teacher_forced"]["reliability"] == 1.0 and res["teacher_forced"]["locality"] == 1.0
+    tensors, meta = ed.state_dict()
+    other = KeyedEditor(fresh, tiny_tokenizer, _cfg(keyed=VALUES), irrelevant=pool)
+    other.load_state_dict(tensors, meta)
+    again = evaluate_records(other.model, other.routed, other.tokens, edits[:3], generate=False)
+    assert again["per_edit"] == res["per_edit"]
+    snap = ServingSnapshot.from_state(tensors, meta)
+    assert snap.routing["values"].shape == (3, d_out)
+    others = sum(t.numel() * t.element_size() for k, t in snap.routing.items() if k != "values")
+    assert memory_cost(tensors, meta, model_bytes=10**6)["routing_bytes"] == others + 3 * d_out * 2
+    # the vectors answer: without them the routed edits read only their columns
+    with torch.no_grad():
+        kept = ed.routed.values.clone()
+        ed.routed.values.zero_()
+        bare = evaluate_records(ed.model, ed.routed, ed.tokens, edits[:3], generate=False)
+        ed.routed.values.copy_(kept)
+    assert bare["per_edit"] != res["per_edit"]
+    # retract e0, then edit e1's prompt again: each remaining vector stays with its edit
+    by_id = {e: v.clone() for m in ed.bank.memories() for e, v in zip(m.edit_ids, m.values, strict=True)}
+    by_id["e2"] = ed.active.values[0].clone()
+    ed.retract(["e0"])
+    ed.apply([dataclasses.replace(edits[1], id="e1b", target="violin"), edits[3]])
+    mems = [*ed.bank.memories(), ed.active]
+    assert all(m.values.shape[0] == len(m.edit_ids) for m in mems)
+    now = {e: v for m in mems for e, v in zip(m.edit_ids, m.values, strict=True)}
+    assert set(now) == {"e1b", "e2", "e3"} and torch.equal(now["e2"], by_id["e2"])
+    assert ed.routed.values.shape == (3, d_out)
+
+
+# ---------------------------------------------------------------------------------------------- serving
+
+
+@pytest.mark.parametrize("with_values", [False, True])
+def test_flat_held_route_equals_the_hf_router_over_prefill_and_decode(
+    tiny_model, tiny_tokenizer, edits, pool, with_values
 ):
     """vLLM's layout: the three prompts prefilled in one flattened batch, then decode steps of one token each
     (two sequences at a time); every step's side-memory contribution equals what KeyedLinear adds when it holds
-    the prefill's route, and a held decode token differs from routing it on itself."""
-    ed = KeyedEditor(tiny_model, tiny_tokenizer, _cfg(), irrelevant=pool)
+    the prefill's route, and a held decode token differs from routing it on itself (with and without the
+    edits' own output vectors)."""
+    cfg = _cfg(keyed=VALUES) if with_values else _cfg()
+    ed = KeyedEditor(tiny_model, tiny_tokenizer, cfg, irrelevant=pool)
     ed.apply(edits[:3])
     snap = ServingSnapshot.from_state(*ed.state_dict())
     header, tensors = decode_package(encode_package(snap, 1))
+    assert ("routing.values" in tensors) == with_values
     table = {k.removeprefix("routing."): v for k, v in tensors.items() if k.startswith("routing.")}
     table = {
         **table,

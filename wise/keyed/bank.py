@@ -143,6 +143,8 @@ class KeyedBank:
             block.columns = torch.cat([block.columns, shard.columns])  # type: ignore[list-item]
             block.relkeys = torch.cat([block.relkeys, shard.relkeys])  # type: ignore[list-item]
             block.subjects += shard.subjects
+            if block.values is not None and shard.values is not None:
+                block.values = torch.cat([block.values, shard.values])
             if self.on_merge is not None:
                 self.on_merge([shard], None, block)
         self.pending = []
@@ -157,6 +159,7 @@ class KeyedBank:
             torch.zeros_like(like.delta),
             columns=like.columns[:0].clone(),
             relkeys=like.relkeys[:0].clone(),
+            values=None if like.values is None else like.values[:0].clone(),
         )
 
     # ------------------------------------------------------------------ state

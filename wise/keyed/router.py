@@ -39,6 +39,7 @@ class KeyedLinear(nn.Module):
         self.register_buffer("columns", torch.zeros(0, 1, dtype=torch.long, device=dev), persistent=False)
         self.register_buffer("memory_of", torch.zeros(0, dtype=torch.long, device=dev), persistent=False)
         self.register_buffer("relkeys", torch.zeros(0, 1, device=dev), persistent=False)
+        self.values: torch.Tensor | None = None  # (E, d_out) each entry's output vector (keyed.values)
         self.register_buffer("projection", torch.zeros(self.d_in, 1, device=dev), persistent=False)
         self.register_buffer("center", torch.zeros(1, device=dev), persistent=False)
         self.subjects: SubjectTable | None = None
@@ -86,7 +87,7 @@ class KeyedLinear(nn.Module):
         self.name_flags = None if name_flags is None else name_flags.to(dev)
         if not mems or not sum(len(m.edit_ids) for m in mems):
             self.table_t = torch.zeros(0, self.d_out, device=dev, dtype=dtype)
-            self.entry_ids, self.subjects = [], None
+            self.entry_ids, self.subjects, self.values = [], None, None
             return
         self.table_t = torch.cat([(m.delta if self.transposed else m.delta.T) for m in mems]).to(dev, dtype)
         self.columns = torch.cat([m.columns for m in mems]).to(dev, torch.long)  # type: ignore[misc]
@@ -95,6 +96,14 @@ class KeyedLinear(nn.Module):
         ).to(dev)
         self.relkeys = torch.cat([m.relkeys for m in mems]).to(dev, torch.float32)  # type: ignore[misc]
         self.entry_ids = [e for m in mems for e in m.edit_ids]
+        with_values = [m.values is not None for m in mems if m.edit_ids]
+        if any(with_values) and not all(with_values):
+            raise ValueError("some memories hold output vectors (keyed.values) and others do not")
+        self.values = (
+            torch.cat([m.values for m in mems if m.edit_ids]).to(dev, dtype)  # type: ignore[misc]
+            if all(with_values)
+            else None
+        )
         self.subjects = SubjectTable.build([s for m in mems for s in m.subjects], dev)
 
     @contextlib.contextmanager
@@ -183,7 +192,7 @@ class KeyedLinear(nn.Module):
             return out
         b, t = a.shape[:2]
         entry = choice.repeat_interleave(t)  # every token of a routed sequence reads its edit's columns
-        extra = residual(a.reshape(b * t, -1), entry, self.columns, self.memory_of, self.table_t)
+        extra = residual(a.reshape(b * t, -1), entry, self.columns, self.memory_of, self.table_t, self.values)
         return out + extra.view(b, t, -1).to(out.dtype)
 
 

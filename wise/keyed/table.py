@@ -239,9 +239,11 @@ def residual(
     columns: torch.Tensor,
     memory_of: torch.Tensor,
     table_t: torch.Tensor,
+    values: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The side memories' contribution per token: ``M_j[:, c_e] x[c_e]`` for the token's entry ``e`` (its
-    memory ``j``, its columns ``c_e``), zero for tokens on the main memory.
+    memory ``j``, its columns ``c_e``), plus the entry's own output vector ``v_e`` when the memories have
+    them, zero for tokens on the main memory.
 
     Args:
         x: (N, d_in).
@@ -250,6 +252,7 @@ def residual(
         memory_of: (E,) long, each entry's memory.
         table_t: (J * d_in, d_out) the memories' task vectors, transposed and stacked (row ``j * d_in + c`` is
             column ``c`` of memory ``j``).
+        values: (E, d_out) each entry's output vector (``keyed.values``), or None.
 
     Returns:
         (N, d_out). One embedding-bag: k x d_out multiply-adds per token, whatever the number of edits, and no
@@ -259,8 +262,11 @@ def residual(
     e = entry.clamp(min=0)
     cols = columns[e]  # (N, k)
     idx = memory_of[e].unsqueeze(1) * d_in + cols
-    w = x.gather(1, cols) * (entry >= 0).to(x.dtype).unsqueeze(1)
-    return F.embedding_bag(idx, table_t.to(x.dtype), per_sample_weights=w, mode="sum")
+    routed = (entry >= 0).to(x.dtype).unsqueeze(1)
+    out = F.embedding_bag(idx, table_t.to(x.dtype), per_sample_weights=x.gather(1, cols) * routed, mode="sum")
+    if values is not None:
+        out = out + values.to(x.dtype)[e] * routed
+    return out
 
 
 __all__ = [
