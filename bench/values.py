@@ -33,7 +33,9 @@ class ValuesSpec(FrozenConfig):
 
     gate: str = Field("configs/bench/gate.yaml", description="the gate benchmark: development stream, method")
     output: str = Field("benchmarks/results/values.json", description="the result (committed)")
-    grid: tuple[dict[str, Any], ...] = Field(description="wise.keyed overrides tried, one setting each")
+    grid: tuple[dict[str, Any], ...] = Field(
+        min_length=1, description="wise.keyed overrides tried, one setting each"
+    )
 
 
 def load_values_config(path: str | Path) -> ValuesSpec:
@@ -114,7 +116,7 @@ def values_benchmark(spec: ValuesSpec, out: Path, command: str) -> dict[str, Any
         )
     best = choose(rows)
     result = {
-        "edits": dev["edits"] if spec.grid else 0,
+        "edits": dev["edits"],
         "rows": rows,
         "chosen": rows[best]["keyed"],
         "rule": "the highest mean of teacher-forced reliability, generalization and locality over all "

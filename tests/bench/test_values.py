@@ -47,6 +47,9 @@ def test_values_config_is_checked(tmp_path):
     bad.write_text("grid: [{values: true}]\nrule: mean\n")
     with pytest.raises(ConfigError, match="rule"):
         load_values_config(bad)
+    bad.write_text("grid: []\n")
+    with pytest.raises(ConfigError, match="grid"):
+        load_values_config(bad)
     with pytest.raises(ConfigError, match="cannot read"):
         load_values_config(tmp_path / "none.yaml")
 
