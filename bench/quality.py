@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from bench.carry import pack, unpack
 from bench.milestones import SequentialEditor, evaluate_deferred, sequential_run, write_json
 from orchestrator.config import ConfigError, ModelConfig, build_config, format_errors, load_config
 from wise.config import FrozenConfig
@@ -95,6 +96,11 @@ class QualityConfig(FrozenConfig):
     generate: bool = Field(True, description="also measure the free-generation metrics")
     output: str = Field("benchmarks/results", description="results JSON, report and plots (committed)")
     work: str = Field("benchmarks/work", description="resumable editor states (not committed)")
+    carry: str | None = Field(
+        None,
+        description="committed copies of the runs' work directories (bench/carry.py), written by --carry and "
+        "restored into an empty work directory before its run resumes",
+    )
     datasets: dict[str, DatasetSpec]
     methods: dict[str, MethodSpec]
     runs: tuple[RunSpec, ...]
@@ -130,6 +136,7 @@ def load_quality_config(path: str | Path, smoke: bool = False) -> QualityConfig:
                 "checkpoint_every": 1,
                 "output": "benchmarks/smoke/results",
                 "work": "benchmarks/smoke/work",
+                "carry": None,
                 "datasets": {
                     name: {
                         **d,
@@ -384,6 +391,7 @@ def quality_benchmark(
     pre_only: bool = False,
     defer_eval: bool = False,
     eval_deferred: bool = False,
+    carry: bool = False,
 ) -> dict[str, list[int]]:
     """Run the configured (method, dataset) runs in order, each up to its ``max_t`` (capped by ``max_t``).
 
@@ -396,17 +404,22 @@ def quality_benchmark(
             evaluation then reads it instead of measuring it; lets it run beside a long editing run).
         defer_eval: keep a copy of each milestone's state and go on editing (:func:`sequential_run`).
         eval_deferred: only measure the milestone states kept by ``defer_eval`` (can run beside the editing).
+        carry: only pack each run's work directory into the config's ``carry`` directory (can run beside the
+            editing); with ``carry`` configured, every other mode first restores an empty work directory
+            from there.
 
     Returns:
-        Milestones evaluated by this call, per run name.
+        Milestones evaluated by this call, per run name (with ``carry``: the edits packed).
     """
     from orchestrator.inputs import irrelevant_pool
     from orchestrator.model_store import load_model
     from orchestrator.report import memory_cost
     from wise.evaluate import evaluate_records
 
-    if pre_only + defer_eval + eval_deferred > 1:
-        raise ConfigError("choose one of --pre-only, --defer-eval and --eval-deferred")
+    if pre_only + defer_eval + eval_deferred + carry > 1:
+        raise ConfigError("choose one of --pre-only, --defer-eval, --eval-deferred and --carry")
+    if carry and not qcfg.carry:
+        raise ConfigError("--carry needs the config's carry: directory")
     unknown = set(only) - {r.name for r in qcfg.runs}
     if unknown:
         raise ConfigError(f"unknown runs {sorted(unknown)}; choose among {[r.name for r in qcfg.runs]}")
@@ -417,6 +430,14 @@ def quality_benchmark(
     for run in qcfg.runs:
         if only and run.name not in only:
             continue
+        run_work = work / run.dataset / run.method
+        carried = Path(qcfg.carry) / run.dataset / run.method if qcfg.carry else None
+        if carry:
+            if (run_work / "progress.json").exists():
+                evaluated[run.name] = [pack(run_work, carried)]
+            continue
+        if carried is not None and not pre_only:
+            unpack(carried, run_work)
         dataset, spec = qcfg.datasets[run.dataset], qcfg.methods[run.method]
         milestones, records = plan_run(qcfg, run, max_t)
         settings = method_settings(spec, smoke=qcfg.smoke)
@@ -516,7 +537,7 @@ def quality_benchmark(
             evaluated[run.name] = evaluate_deferred(
                 make,
                 records,
-                work / run.dataset / run.method,
+                run_work,
                 results_dir,
                 evaluate=evaluate,
                 extra=run_extra,
@@ -528,7 +549,7 @@ def quality_benchmark(
             make,
             records,
             milestones,
-            work / run.dataset / run.method,
+            run_work,
             results_dir,
             fingerprint=fingerprint,
             evaluate=evaluate,

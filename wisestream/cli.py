@@ -112,7 +112,9 @@ def _bench_quality(args: argparse.Namespace) -> int:
 
     qcfg = load_quality_config(args.config, smoke=args.smoke)
     if args.out:
-        qcfg = qcfg.model_copy(update={"output": args.out, "work": str(Path(args.out) / "work")})
+        qcfg = qcfg.model_copy(
+            update={"output": args.out, "work": str(Path(args.out) / "work"), "carry": None}
+        )
     only = [r for r in (args.runs or "").split(",") if r]
     done = quality_benchmark(
         qcfg,
@@ -122,6 +124,7 @@ def _bench_quality(args: argparse.Namespace) -> int:
         pre_only=args.pre_only,
         defer_eval=args.defer_eval,
         eval_deferred=args.eval_deferred,
+        carry=args.carry,
     )
     planned = planned_milestones(qcfg)
     report = render_report(qcfg.output, planned)
@@ -376,6 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="only measure the milestone states kept by --defer-eval (can run beside the editing, e.g. on "
         "another core)",
+    )
+    quality.add_argument(
+        "--carry",
+        action="store_true",
+        help="only pack the runs' work directories into the config's carry: directory, to commit them (can run "
+        "beside the editing; a later command on an empty work directory restores them)",
     )
     quality.set_defaults(func=_bench_quality)
     gate = bench_sub.add_parser(

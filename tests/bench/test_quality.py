@@ -160,6 +160,51 @@ def test_deferred_milestones_are_kept_then_measured_as_the_inline_run_measures_t
     assert not list(w.glob("milestone-T*")) and evaluate_deferred(make, edits, w, r, evaluate=_evaluate) == []
 
 
+def test_a_run_carried_to_a_fresh_work_directory_resumes_where_it_stopped(
+    tiny_model, tiny_tokenizer, edits, pool, tmp_path
+):
+    import shutil
+
+    from bench.carry import pack, unpack
+
+    w, r, carry = tmp_path / "w", tmp_path / "r", tmp_path / "carry" / "run"
+    with pytest.raises(_Crash):
+        _run(_runner(tiny_model, tiny_tokenizer, pool, [], crash_at=2), edits, [1, 3], w, r, defer=True)
+    assert pack(w, carry) == 2
+    # one file per memory, the milestone copy kept for the deferred evaluation travels too, no lock file
+    packed = {p.name: p.read_bytes() for p in (carry / "state").glob("*.safetensors")}
+    assert {"active.safetensors", "merged.0.safetensors"} <= packed.keys()
+    assert (carry / "milestone-T1" / "milestone.json").is_file() and not list(carry.rglob(".lock"))
+    # a fresh machine: the work directory is gone; restoring rebuilds it and the run goes on from 2 edits
+    shutil.rmtree(w)
+    assert unpack(carry, w) == 2 and unpack(carry, w) is None  # never over a run in place
+    calls: list = []
+    assert _run(_runner(tiny_model, tiny_tokenizer, pool, calls), edits, [1, 3], w, r, defer=True) == [3]
+    assert calls == ["make", 1]
+    _run(
+        _runner(tiny_model, tiny_tokenizer, pool, []), edits, [3], tmp_path / "w3", tmp_path / "r3", every=10
+    )
+    assert _states_equal(w / "state", tmp_path / "w3" / "state")
+    # the restored milestone copy is measured by the deferred evaluation as any other
+    assert evaluate_deferred(
+        _runner(tiny_model, tiny_tokenizer, pool, []), edits, w, r, evaluate=_evaluate
+    ) == [
+        1,
+        3,
+    ]
+    # packed again: the block that did not change is the same file byte for byte (stored once when committed)
+    assert pack(w, carry) == 3
+    again = {p.name: p.read_bytes() for p in (carry / "state").glob("*.safetensors")}
+    assert again["merged.0.safetensors"] == packed["merged.0.safetensors"]
+    assert again["active.safetensors"] != packed["active.safetensors"]
+    # a state and progress that disagree (a checkpoint caught half-written) are refused, the carry kept
+    progress = json.loads((w / "progress.json").read_text())
+    (w / "progress.json").write_text(json.dumps({**progress, "applied": 2}))
+    with pytest.raises(ConfigError, match="kept changing"):
+        pack(w, carry, attempts=2)
+    assert json.loads((carry / "carry.json").read_text())["edits"] == 3
+
+
 def test_shipped_benchmark_config_is_valid():
     path = ROOT / "configs" / "bench" / "quality.yaml"
     assert path.read_text().startswith("# wisestream bench quality")
@@ -193,6 +238,10 @@ def test_shipped_benchmark_config_is_valid():
 
     with pytest.raises(ConfigError, match="choose one of"):
         quality_benchmark(cfg, defer_eval=True, eval_deferred=True)
+    # long runs are carried in a committed directory; the smoke run keeps to its own work directory
+    assert cfg.carry == "benchmarks/carry" and smoke.carry is None
+    with pytest.raises(ConfigError, match="carry: directory"):
+        quality_benchmark(smoke, carry=True)
 
 
 def test_a_dataset_shorter_than_a_milestone_ends_at_its_last_valid_edit(tmp_path):
