@@ -205,6 +205,43 @@ def test_a_run_carried_to_a_fresh_work_directory_resumes_where_it_stopped(
     assert json.loads((carry / "carry.json").read_text())["edits"] == 3
 
 
+def test_the_benchmark_restores_a_carried_run_before_resuming_it_and_packs_only_runs_it_holds(
+    monkeypatch, tmp_path
+):
+    import bench.quality as quality
+
+    cfg = load_quality_config(ROOT / "configs" / "bench" / "quality.yaml").model_copy(
+        update={
+            "work": str(tmp_path / "work"),
+            "carry": str(tmp_path / "carry"),
+            "output": str(tmp_path / "out"),
+        }
+    )
+    run = "keyed-values/counterfact-long"
+    work, carried = (
+        tmp_path / "work" / "counterfact-long" / "keyed-values",
+        tmp_path / "carry" / "counterfact-long" / "keyed-values",
+    )
+    calls: list = []
+    monkeypatch.setattr(quality, "unpack", lambda c, w: calls.append(("unpack", c, w)))
+    monkeypatch.setattr(quality, "pack", lambda w, c: calls.append(("pack", w, c)) or 7)
+    monkeypatch.setattr(
+        quality, "sequential_run", lambda make, recs, ms, w, *a, **k: calls.append(("run", w)) or []
+    )
+    monkeypatch.setattr(
+        quality, "evaluate_deferred", lambda make, recs, w, *a, **k: calls.append(("eval", w)) or []
+    )
+    quality.quality_benchmark(cfg, only=[run])
+    quality.quality_benchmark(cfg, only=[run], eval_deferred=True)
+    assert calls == [("unpack", carried, work), ("run", work), ("unpack", carried, work), ("eval", work)]
+    calls.clear()
+    assert quality.quality_benchmark(cfg, only=[run], carry=True) == {} and calls == []  # nothing to pack
+    work.mkdir(parents=True)
+    (work / "progress.json").write_text("{}")
+    assert quality.quality_benchmark(cfg, only=[run], carry=True) == {run: [7]}
+    assert calls == [("pack", work, carried)]
+
+
 def test_shipped_benchmark_config_is_valid():
     path = ROOT / "configs" / "bench" / "quality.yaml"
     assert path.read_text().startswith("# wisestream bench quality")
