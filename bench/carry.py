@@ -53,14 +53,14 @@ def _unpack_state(src: Path, dst: Path) -> None:
 
 
 def _copy_tree(src: Path, dst: Path, pack: bool) -> None:
-    """Copy ``src`` into ``dst``: a directory holding an editor state is (un)packed, other files copied,
-    lock files skipped."""
+    """Copy ``src`` into ``dst``: a directory holding an editor state is (un)packed, other files copied, hidden
+    ones (the run's lock, atomic writes under way) skipped."""
     if src.name == "state" and (src / (TENSORS_FILE if pack else META_FILE)).is_file():
         (_pack_state if pack else _unpack_state)(src, dst)
         return
     dst.mkdir(parents=True, exist_ok=True)
     for p in sorted(src.iterdir()):
-        if p.name == ".lock" or p.name.startswith("."):
+        if p.name.startswith("."):
             continue
         if p.is_dir():
             _copy_tree(p, dst / p.name, pack)
