@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any
 
 from pydantic import Field
 
+from bench.conflicts import locality_split
 from bench.milestones import edit_until, milestone_path, resume_editor, write_json
 from bench.quality import (
     DatasetSpec,
@@ -113,58 +113,19 @@ def gate_probes(post: dict, pre: dict, gate: float | None) -> dict:
     return out
 
 
-_WORD = re.compile(r"\w+(?:['.-]\w+)*")
-
-
-def edited_facts(records: Sequence) -> set[int]:
-    """Indices of the records whose locality probe asks a fact another record of ``records`` edits: the probe's
-    prompt names that record's subject (whole words) and expects that record's pre-edit answer
-    (``ground_truth``), which the stream changed on purpose (``Renault 8 is made by`` expecting Renault, when
-    another record edits Renault 8's maker from Renault to Fiat). A text heuristic: records without a subject or
-    a ground truth never count."""
-    facts: dict[tuple[str, ...], set[tuple[str, int]]] = {}
-    for i, r in enumerate(records):
-        if getattr(r, "subject", None) and getattr(r, "ground_truth", None):
-            key = tuple(_WORD.findall(r.subject))
-            facts.setdefault(key, set()).add((r.ground_truth.strip().lower(), i))
-    longest = max((len(k) for k in facts), default=0)
-    out = set()
-    for i, r in enumerate(records):
-        if not r.locality_prompt or not r.locality_answer:
-            continue
-        words = _WORD.findall(r.locality_prompt)
-        answer = r.locality_answer.strip().lower()
-        spans = (tuple(words[a : a + n]) for n in range(1, longest + 1) for a in range(len(words) - n + 1))
-        if any(a == answer and j != i for span in spans for a, j in facts.get(span, ())):
-            out.add(i)
-    return out
-
-
 def metrics_row(probes: dict, records: Sequence) -> dict[str, Any]:
     """Teacher-forced and free-generation metrics and routed fractions of ``probes`` over ``records``, and
     ``conflicts``: the locality probes whose prompt is itself an edit prompt of ``records`` (the stream changed
     the answer they expect the model to keep; same normalisation as superseding) and the locality of the others;
-    then, more broadly, the probes asking a fact some record edits (:func:`edited_facts`, or an edit prompt) and
+    then, more broadly, the probes asking a fact some record edits (:func:`bench.conflicts.locality_split`) and
     the locality of the rest."""
     from wise.evaluate import summarize_probes
-    from wise.keyed.trainer import normalize_prompt
 
     s = summarize_probes(probes, records)
     row = {k: s[k] for k in ("teacher_forced", "generate", "routed_fraction") if k in s}
-    edited = {normalize_prompt(r.prompt) for r in records}
-    facts = edited_facts(records)
-    owner = list(probes.get("loc_owner", range(probes["records"])))
-    prompt_hit = [normalize_prompt(records[o].locality_prompt) in edited for o in owner]
-    clean = [v for v, hit in zip(probes["loc"], prompt_hit, strict=True) if not hit]
-    unedited = [
-        v for v, hit, o in zip(probes["loc"], prompt_hit, owner, strict=True) if not hit and o not in facts
-    ]
-    row["conflicts"] = {
-        "probes": len(probes["loc"]) - len(clean),
-        "locality_others": sum(clean) / len(clean) if clean else None,
-        "edited_facts": len(probes["loc"]) - len(unedited),
-        "locality_unedited_facts": sum(unedited) / len(unedited) if unedited else None,
-    }
+    row["conflicts"] = locality_split(
+        probes["loc"], probes.get("loc_owner", range(probes["records"])), records
+    )
     return row
 
 

@@ -27,6 +27,7 @@ import torch
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from bench.carry import pack, unpack
+from bench.conflicts import annotate_results, per_edit_conflicts
 from bench.milestones import SequentialEditor, evaluate_deferred, sequential_run, write_json
 from orchestrator.config import ConfigError, ModelConfig, build_config, format_errors, load_config
 from wise.config import FrozenConfig
@@ -496,6 +497,9 @@ def quality_benchmark(
             args = (editor.model, editor.routed, editor.tokens)
             res = evaluate_records(*args, own, generate=qcfg.generate, progress=True, cache=cache / "post")
             out = {"pre": pre_edit(editor, own), **res}
+            conflicts = per_edit_conflicts(res.get("per_edit") or [], own)
+            if conflicts is not None:
+                out["conflicts"] = conflicts
             if mix is not None:
                 mixed = [r for r in recs if r.id in mixed_ids]
                 post = evaluate_records(
@@ -533,6 +537,8 @@ def quality_benchmark(
             "dataset": run.dataset,
             "settings": fingerprint["settings"],
         }
+        # results written before the quality benchmark kept the locality conflicts gain them (cheap: text only)
+        annotate_results(results_dir, [r for r in records if r.id not in mixed_ids])
         if eval_deferred:
             evaluated[run.name] = evaluate_deferred(
                 make,

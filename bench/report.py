@@ -456,7 +456,10 @@ def render_report(results: str | Path, planned: dict[str, list[int]] | None = No
                 "Cost at each milestone: the state's memory, and a served forward pass on that state, routed over "
                 "main-only time (median of the result's `serving.repeats` alternating pairs, 8 x 32-token prefill "
                 "and 32 one-token decode steps of the run's first edit prompts; milliseconds in brackets); "
-                "evaluation s is the time the milestone's measurement took:",
+                "evaluation s is the time the milestone's measurement took. *Loc, facts not edited* is the "
+                "locality of the probes that ask no fact the run's own edits change (a probe whose prompt is "
+                "another record's edit prompt, or names an edited subject and expects its pre-edit answer, must "
+                "change: `bench.conflicts`); *Loc*, counting every probe, stays the headline:",
                 "",
                 *cost,
                 "",

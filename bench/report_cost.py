@@ -66,17 +66,19 @@ def milestone_cost_table(by_method: dict[str, dict[int, dict]]) -> list[str]:
     if not rows:
         return []
     lines = [
-        "| method | T | mean(Rel, Gen, Loc) | Loc | "
+        "| method | T | mean(Rel, Gen, Loc) | Loc | Loc, facts not edited | "
         + " | ".join(COST_HEADERS)
         + " | prefill routed/main | decode routed/main | s/edit | evaluation s |",
-        "|" + " --- |" * (8 + len(COST_HEADERS)),
+        "|" + " --- |" * (9 + len(COST_HEADERS)),
     ]
     for method, t, r in rows:
         tf = r.get("teacher_forced") or {}
         three = [tf.get(k) for k in ("reliability", "generalization", "locality")]
         avg = sum(three) / 3 if all(v is not None for v in three) else None
+        split = r.get("conflicts") or {}
         lines.append(
             f"| {method} | {t} | {significant(avg)} | {significant(tf.get('locality'))} | "
+            + f"{significant(split.get('locality_unedited_facts'))} | "
             + " | ".join(memory_cells(r))
             + f" | {_ratio(r['serving'], 'prefill')} | {_ratio(r['serving'], 'decode')} | "
             + f"{significant(r.get('seconds_per_edit'))} | {significant(r.get('eval_seconds'))} |"

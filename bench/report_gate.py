@@ -133,7 +133,7 @@ def gate_section(result: dict[str, Any] | None) -> list[str]:
             "the others ask the model to keep an answer that the stream changed on purpose "
             f"({conflicts} locality probes). *Loc, facts not edited* also leaves out the probes that name the "
             "subject of an edit of the run and expect that edit's pre-edit answer: they ask a fact the stream "
-            f"changed, however worded ({facts} probes with the former; a text heuristic, `bench.gate.edited_facts`). "
+            f"changed, however worded ({facts} probes with the former; a text heuristic, `bench.conflicts.edited_facts`). "
             "The literature's locality (*Loc*) counts them all and stays the headline.",
         ]
     return lines + [""]

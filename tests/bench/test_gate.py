@@ -10,7 +10,6 @@ from bench.gate import (
     _split,
     choose_gate,
     derive_free,
-    edited_facts,
     gate_probes,
     load_gate_config,
     metrics_row,
@@ -130,35 +129,6 @@ def test_locality_probes_asking_an_edited_prompt_are_counted_apart(edits):
         "edited_facts": 1,
         "locality_unedited_facts": 0.75,
     }
-
-
-def test_locality_probes_asking_an_edited_fact_are_found_by_subject_and_pre_edit_answer():
-    from streams.record import EditRecord
-
-    def rec(i, subject, truth, loc, loc_answer):
-        return EditRecord(
-            id=f"r{i}",
-            prompt=f"{subject} is made by",
-            target="Fiat",
-            subject=subject,
-            ground_truth=truth,
-            locality_prompt=loc,
-            locality_answer=loc_answer,
-        )
-
-    records = [
-        rec(0, "Renault 8", "Renault", "Dacia Logan is made by", "Dacia"),
-        # asks Renault 8's maker, expecting the answer record 0 changed: an edited fact
-        rec(1, "Peugeot 504", "Peugeot", "The Renault 8 is produced by", "renault"),
-        # names Renault 8 but expects another answer: another fact of an edited subject, not counted
-        rec(2, "Lancia Delta", "Lancia", "Renault 8 was first sold in", "France"),
-        # names only part of a subject's words: no match ("Renault" alone is no edited subject)
-        rec(3, "Opel Kadett", "Opel", "Renault is based in", "Renault"),
-        # its own subject and answer do not count
-        rec(4, "Volvo 240", "Volvo", "Volvo 240 is made by", "Volvo"),
-    ]
-    assert edited_facts(records) == {1}
-    assert edited_facts(records[1:]) == set()
 
 
 def test_whole_names_are_kept_only_within_tolerance():

@@ -364,6 +364,10 @@ def _smoke(out, datasets: tuple[str, ...], methods: tuple[str, ...], runs: list[
             )
             assert tf["reliability"] > pre["reliability"], (dataset, method, tf, pre)
             assert 0.0 <= tf["locality"] <= 1.0 and r["seconds_per_edit"] > 0
+            # the locality probes asking a fact the stream edits, split out (none among two records)
+            locs, split = [e["locality"] for e in r["per_edit"]], r["conflicts"]
+            assert split["probes"] == split["edited_facts"] == 0
+            assert split["locality_unedited_facts"] == pytest.approx(sum(locs) / len(locs))
             if method in ROUTED:
                 serving = r["serving"]
                 assert serving["prefill_main_seconds"] > 0 and serving["decode_main_seconds"] > 0

@@ -211,6 +211,8 @@ def test_each_milestone_with_a_timed_state_gets_its_cost_row(tmp_path):
         "repeats": 5,
     }
     for t, loc in ((1000, 0.97), (2000, 0.955)):
+        # the later milestone keeps the locality of the probes asking no edited fact
+        split = {"conflicts": {"locality_unedited_facts": 0.9812}} if t == 2000 else {}
         _quality(
             tmp_path,
             "counterfact-long",
@@ -220,15 +222,16 @@ def test_each_milestone_with_a_timed_state_gets_its_cost_row(tmp_path):
             serving=serving,
             eval_seconds=1234.5,
             teacher_forced={"reliability": 0.97, "generalization": 0.4, "locality": loc},
+            **split,
         )
     _quality(tmp_path, "zsre", "keyed", 100, memory=MEMORY)  # no serving block: no cost table
     report = render_report(tmp_path).read_text()
     # mean of 0.97, 0.4, 0.97 = 0.78; 1.04x the main-only prefill (52.0 / 50.0 ms), 1.10x decode
     assert (
-        "| keyed | 1000 | 0.780 | 0.970 | 105 KiB | 2.14 | 1.04x (52.0 / 50.0 ms) | 1.10x (11.0 / 10.0 ms) | "
+        "| keyed | 1000 | 0.780 | 0.970 | – | 105 KiB | 2.14 | 1.04x (52.0 / 50.0 ms) | 1.10x (11.0 / 10.0 ms) | "
         "4.50 | 1234 |"
     ) in report
-    assert "| keyed | 2000 | 0.775 | 0.955 |" in report
+    assert "| keyed | 2000 | 0.775 | 0.955 | 0.981 | 105 KiB |" in report
     assert report.count("Cost at each milestone") == 1
     assert (
         report.index("### counterfact-long")
