@@ -14,7 +14,8 @@ Inputs under the results directory:
 - ``engines.json`` and ``profile.json``: ``wisestream bench engines --out ...`` and ``wisestream bench profile
   --out ...`` (seconds per edit by editor and by stage, the job against its engine; :mod:`bench.report_speed`).
 - ``gate.json``: ``wisestream bench gate`` (the keyed relation gate's development sweep and test runs;
-  :mod:`bench.report_gate`); the section is left out when there is none.
+  :mod:`bench.report_gate`); ``gate_values.json``: the same choice for the output-vector layout
+  (``--config configs/bench/gate_values.yaml``); each section is left out when its file is absent.
 - ``values.json``: ``wisestream bench values`` (the output vectors' development choice; same module).
 
 Every retention number stands beside its cost: the quality tables carry bytes per edit and memory as a share of
@@ -476,6 +477,10 @@ def render_report(results: str | Path, planned: dict[str, list[int]] | None = No
             ]
         lines += [f"![{dataset}]({png.name})", ""]
     lines += gate_section(_load(results / "gate.json"))
+    lines += gate_section(
+        _load(results / "gate_values.json"),
+        title="Routing rules for the output-vector layout (keyed-values): development split only",
+    )
     lines += values_section(_load(results / "values.json"))
     scale = _load(results / "scale.json")
     lines += scale_section(scale, results, _machine_line(scale.get("machine")) if scale else "")

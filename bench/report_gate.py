@@ -38,13 +38,16 @@ def _mean3(m: dict[str, Any]) -> str:
     return MISSING if None in values else significant(sum(values) / 3, 3)
 
 
-def gate_section(result: dict[str, Any] | None) -> list[str]:
-    """Markdown lines: the development sweep, the chosen gate, and the test runs with the gate off and on."""
+def gate_section(
+    result: dict[str, Any] | None, title: str = "Routing rules: whole names and the relation gate"
+) -> list[str]:
+    """Markdown lines under ``## title``: the development sweep, the chosen gate, and the test runs (if any) with
+    the gate off and on."""
     if not result:
         return []
     dev, mix = result["dev"], result["dev"].get("mixed")
     lines = [
-        "## Routing rules: whole names and the relation gate",
+        f"## {title}",
         "",
         "Both rules only refuse routes (the main memory then answers, exactly as the unedited model does) and "
         "change nothing the edits wrote: one edited state is measured under each setting. Chosen on the "

@@ -251,6 +251,10 @@ def test_report_section_shows_the_sweep_the_choice_and_the_test_rows():
         and "(keyed/counterfact-long 3)" in text
     )
     assert gate_section(None) == []
+    # a development-only result (no run under apply) under its own title: the sweep, no test table
+    dev_only = "\n".join(gate_section({"dev": dev, "test": {}}, title="Routing rules for keyed-values"))
+    assert dev_only.startswith("## Routing rules for keyed-values\n") and "Chosen: **0.25**" in dev_only
+    assert "| run | T |" not in dev_only and "| run | T |" in text
 
 
 def test_a_missing_or_broken_gate_config_is_one_clear_error(tmp_path):
