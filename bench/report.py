@@ -17,6 +17,8 @@ Inputs under the results directory:
   :mod:`bench.report_gate`); ``gate_values.json``: the same choice for the output-vector layout
   (``--config configs/bench/gate_values.yaml``); each section is left out when its file is absent.
 - ``values.json``: ``wisestream bench values`` (the output vectors' development choice; same module).
+- ``relations.json``: ``wisestream bench relations`` (how well relation keys separate rephrases from other
+  relations of a subject, development split; same module).
 
 Every retention number stands beside its cost: the quality tables carry bytes per edit and memory as a share of
 the model from each result's ``memory`` block (an en dash where a result has none).
@@ -38,7 +40,7 @@ from bench.report_cost import (
     scale_section,
     scale_table,
 )
-from bench.report_gate import gate_section, values_section
+from bench.report_gate import gate_section, relations_section, values_section
 from bench.report_speed import edit_speed_section
 from orchestrator.report import format_number
 
@@ -482,6 +484,7 @@ def render_report(results: str | Path, planned: dict[str, list[int]] | None = No
         title="Routing rules for the output-vector layout (keyed-values): development split only",
     )
     lines += values_section(_load(results / "values.json"))
+    lines += relations_section(_load(results / "relations.json"))
     scale = _load(results / "scale.json")
     lines += scale_section(scale, results, _machine_line(scale.get("machine")) if scale else "")
     for extra in sorted(results.glob("scale_*.json")):  # further T's measured by a separate command

@@ -172,3 +172,51 @@ def values_section(result: dict[str, Any] | None) -> list[str]:
         ]
         lines.append(f"| {keyed}{mark} | " + " | ".join(cells) + " |")
     return lines + [""]
+
+
+_KEY_TEXT = {
+    "router": "router (mean over the prompt besides the subject; the gate's key)",
+    "sentence": "mean from the subject's sentence on",
+    "last": "edited projection's input at the last token",
+    "residual_last": "residual stream at the last token",
+    "answer": "unedited next-token distribution (not a one-pass key)",
+}
+
+
+def relations_section(result: dict[str, Any] | None) -> list[str]:
+    """Markdown lines: how well each relation key separates rephrases from other relations of a subject
+    (``relations.json``, ``wisestream bench relations``)."""
+    if not result:
+        return []
+    keep = [t["keep"] for t in next(iter(result["keys"].values()))["thresholds"]]
+    lines = [
+        "## Relation keys: rephrases against other relations of a subject (development split only)",
+        "",
+        f"{result['rephrases']:,} rephrases of {result['dev_records']:,} CounterFact development records and "
+        f"{result['other_records']:,} same-subject development edits (positives: edit prompt and its rephrase) "
+        f"against {result['other_relations']} prompts asking another relation of the same subject (negatives), "
+        "keys computed on the unedited model. AUC: share of positive-negative pairs the key orders right; "
+        "*refused at keep q*: share of other-relation prompts below the threshold that keeps a share q of the "
+        f"rephrases. Command: `{result.get('command', '')}`.",
+        "",
+        "| key | AUC | " + " | ".join(f"refused at keep {q:g}" for q in keep) + " |",
+        "|" + " --- |" * (2 + len(keep)),
+    ]
+    for name, row in result["keys"].items():
+        cells = [significant(row["auc"], 3), *(significant(t["refused"], 2) for t in row["thresholds"])]
+        lines.append(f"| {_KEY_TEXT.get(name, name)} | " + " | ".join(cells) + " |")
+    share = result.get("answer_disjoint")
+    if share is not None:
+        lines += [
+            "",
+            f"{100 * share:.0f}% of the rephrases get an unedited next-token distribution that shares almost "
+            "nothing with their edit prompt's (cosine below 0.05): some reword the prompt so that another word "
+            "comes next, others ask another attribute of the subject, and generalization counts all of them as "
+            "the edit's. Lowest first:",
+            "",
+            "| edit prompt | rephrase | cosine |",
+            "| --- | --- | --- |",
+        ]
+        for ex in result.get("examples", []):
+            lines.append(f"| {ex['prompt']} | {ex['rephrase']} | {ex['answer_cosine']:.3f} |")
+    return lines + [""]

@@ -77,3 +77,18 @@ WISE_SHARDS = """wise:
   hard_negatives: 0.34
   margins: {alpha: 0.5, beta: 2.0, gamma: 1.0, scale: auto}
 """
+
+
+def tiny_keyed_config(n_iter: int = 40):
+    """The keyed-layout settings of the routing tests on the tiny model (layer 2, 16 columns, 4-edit blocks)."""
+    from wise.config import WiseConfig
+
+    return WiseConfig.model_validate(
+        dict(
+            layer=2,
+            templates={"count": 2, "length": 3},
+            save_freq=2,
+            merge_freq=2,
+            keyed={"columns": 16, "n_iter": n_iter, "lr": 0.1, "early_stop_loss": 0.05, "block_edits": 4},
+        )
+    )

@@ -167,6 +167,23 @@ def _bench_gate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_relations(args: argparse.Namespace) -> int:
+    from bench.quality import invoked_command, load_quality_config
+    from bench.relations import load_relations_config, relations_benchmark
+
+    spec = load_relations_config(args.config)
+    qcfg = load_quality_config(spec.quality)
+    out = Path(args.out or spec.output)
+    result = relations_benchmark(qcfg, spec, out, invoked_command(args.argv))
+    summary = {
+        "auc": {k: round(v["auc"], 3) for k, v in result["keys"].items()},
+        "answer_disjoint": result["answer_disjoint"],
+        "out": str(out),
+    }
+    sys.stdout.write(json.dumps(summary) + "\n")
+    return 0
+
+
 def _bench_report(args: argparse.Namespace) -> int:
     from bench.quality import load_quality_config, planned_milestones
     from bench.report import render_report
@@ -400,6 +417,13 @@ def build_parser() -> argparse.ArgumentParser:
     values.add_argument("--config", type=Path, default=Path("configs/bench/values.yaml"))
     values.add_argument("--out", help="result JSON (default: the config's output)")
     values.set_defaults(func=_bench_values)
+    relations = bench_sub.add_parser(
+        "relations",
+        help="how well relation keys separate rephrases from other relations of a subject (development split)",
+    )
+    relations.add_argument("--config", type=Path, default=Path("configs/bench/relations.yaml"))
+    relations.add_argument("--out", help="result JSON (default: the config's output)")
+    relations.set_defaults(func=_bench_relations)
     report = bench_sub.add_parser("report", help="render REPORT.md and plots from the results files")
     report.add_argument("--config", type=Path, default=Path("configs/bench/quality.yaml"))
     report.add_argument("--results", help="results directory (default: the config's output)")

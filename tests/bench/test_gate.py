@@ -5,6 +5,7 @@ derived for whole names; the choice rules and the split of probes by record."""
 import dataclasses
 
 import pytest
+from helpers import tiny_keyed_config
 
 from bench.gate import (
     _split,
@@ -16,26 +17,13 @@ from bench.gate import (
     within,
 )
 from orchestrator.config import ConfigError
-from wise.config import WiseConfig
 from wise.evaluate import concat_probes, probe_records
 from wise.keyed.editor import KeyedEditor
 from wise.keyed.names import name_flags
 
 
-def _cfg():
-    return WiseConfig.model_validate(
-        dict(
-            layer=2,
-            templates={"count": 2, "length": 3},
-            save_freq=2,
-            merge_freq=2,
-            keyed={"columns": 16, "n_iter": 40, "lr": 0.1, "early_stop_loss": 0.05, "block_edits": 4},
-        )
-    )
-
-
 def test_gated_probes_equal_an_evaluation_with_the_gate_set(tiny_model, tiny_tokenizer, edits, pool):
-    ed = KeyedEditor(tiny_model, tiny_tokenizer, _cfg(), irrelevant=pool)
+    ed = KeyedEditor(tiny_model, tiny_tokenizer, tiny_keyed_config(), irrelevant=pool)
     # another relation of edited subjects, as locality probes: what a gate is for
     records = list(edits) + [
         dataclasses.replace(
@@ -74,7 +62,7 @@ def test_gated_probes_equal_an_evaluation_with_the_gate_set(tiny_model, tiny_tok
 def test_free_generation_derived_for_whole_names_equals_an_evaluation_with_them(
     tiny_model, tiny_tokenizer, edits, pool
 ):
-    ed = KeyedEditor(tiny_model, tiny_tokenizer, _cfg(), irrelevant=pool)
+    ed = KeyedEditor(tiny_model, tiny_tokenizer, tiny_keyed_config(), irrelevant=pool)
     ed.apply(edits)
     # the rule sends the first to the main memory and the second to another edit (Toko Yasuda stands alone)
     records = list(edits) + [
