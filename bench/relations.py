@@ -12,6 +12,8 @@ model, so no edit is needed:
 - ``sentence``: the same mean from the start of the subject's sentence (drops a context sentence before it);
 - ``last``: the edited projection's input at the prompt's last token, projected and centred;
 - ``residual_last``: the residual stream entering the edited layer at the last token, centred;
+- ``residual_projected``: the same, projected to ``keyed.relation_dim`` dimensions as the router stores its keys
+  (a fixed Gaussian projection, :func:`wise.keyed.trainer.relation_projection`) and centred;
 - ``answer``: the unedited model's next-token distribution after the prompt (cosine of probabilities); not a
   key the router can compute in one pass, it bounds what "what is being asked" separates.
 
@@ -39,10 +41,11 @@ from bench.quality import DatasetSpec, dataset_records, load_spec, method_settin
 from orchestrator.config import ConfigError
 from wise.config import FrozenConfig
 from wise.keyed.table import relation_vectors, subject_positions
+from wise.keyed.trainer import relation_projection
 
 logger = logging.getLogger(__name__)
 
-KEYS = ("router", "sentence", "last", "residual_last", "answer")
+KEYS = ("router", "sentence", "last", "residual_last", "residual_projected", "answer")
 DISJOINT = 0.05  # answer cosine below which a rephrase counts as asking something else
 
 
@@ -117,18 +120,20 @@ class KeyProbe:
         self.ends = {i for i in range(len(tok)) if tok.decode([i]).strip()[-1:] in (".", "?", "!")}
         self.layer = int(trainer.cfg.layer)
         trainer.ensure_ready()
+        hidden = self.model.get_input_embeddings().embedding_dim
+        residual = relation_projection(hidden, trainer.cfg.keyed.relation_dim, trainer.cfg.seed)
+        self.projection = {
+            "router": trainer.projection.float(),
+            "sentence": trainer.projection.float(),
+            "last": trainer.projection.float(),
+            "residual_projected": residual.to(trainer.device),
+        }
         self.center: dict[str, torch.Tensor] = {}
         pool = [self.raw(p, []) for p, _ in trainer.irrelevant]
         for k in KEYS:
             if pool and k != "answer":
                 stack = torch.stack([r[k] for r in pool])
-                self.center[k] = (
-                    (stack @ trainer.projection.float()).mean(0) if self._projected(k) else stack.mean(0)
-                )
-
-    @staticmethod
-    def _projected(key: str) -> bool:
-        return key in ("router", "sentence", "last")
+                self.center[k] = (stack @ self.projection[k] if k in self.projection else stack).mean(0)
 
     @torch.no_grad()
     def raw(self, prompt: str, variants: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
@@ -158,17 +163,17 @@ class KeyProbe:
             "sentence": a[sentence].mean(0),
             "last": a[n - 1],
             "residual_last": out.hidden_states[self.layer][0, -1].float(),
+            "residual_projected": out.hidden_states[self.layer][0, -1].float(),
             "answer": torch.softmax(out.logits[0, -1].float(), -1),
         }
 
     def keys(self, prompt: str, variants: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
         """Unit keys of every kind (the ``router`` one exactly as :func:`wise.keyed.table.route` computes it)."""
         raw = self.raw(prompt, variants)
-        tr = self.trainer
         out = {}
         for k, v in raw.items():
-            if self._projected(k):
-                out[k] = relation_vectors(v.unsqueeze(0), tr.projection, self.center.get(k))[0]
+            if k in self.projection:
+                out[k] = relation_vectors(v.unsqueeze(0), self.projection[k], self.center.get(k))[0]
             elif k in self.center:
                 out[k] = F.normalize(v - self.center[k], dim=0)
             else:

@@ -179,6 +179,7 @@ _KEY_TEXT = {
     "sentence": "mean from the subject's sentence on",
     "last": "edited projection's input at the last token",
     "residual_last": "residual stream at the last token",
+    "residual_projected": "the same, projected to the router's key size",
     "answer": "unedited next-token distribution (not a one-pass key)",
 }
 
