@@ -121,13 +121,10 @@ class KeyProbe:
         self.layer = int(trainer.cfg.layer)
         trainer.ensure_ready()
         hidden = self.model.get_input_embeddings().embedding_dim
-        residual = relation_projection(hidden, trainer.cfg.keyed.relation_dim, trainer.cfg.seed)
-        self.projection = {
-            "router": trainer.projection.float(),
-            "sentence": trainer.projection.float(),
-            "last": trainer.projection.float(),
-            "residual_projected": residual.to(trainer.device),
-        }
+        r, seed = trainer.cfg.keyed.relation_dim, trainer.cfg.seed
+        mean = relation_projection(trainer.routed.d_in, r, seed).to(trainer.device)  # the mean key's
+        residual = relation_projection(hidden, r, seed).to(trainer.device)
+        self.projection = {"router": mean, "sentence": mean, "last": mean, "residual_projected": residual}
         self.center: dict[str, torch.Tensor] = {}
         pool = [self.raw(p, []) for p, _ in trainer.irrelevant]
         for k in KEYS:

@@ -15,7 +15,8 @@ Inputs under the results directory:
   --out ...`` (seconds per edit by editor and by stage, the job against its engine; :mod:`bench.report_speed`).
 - ``gate.json``: ``wisestream bench gate`` (the keyed relation gate's development sweep and test runs;
   :mod:`bench.report_gate`); ``gate_values.json``: the same choice for the output-vector layout
-  (``--config configs/bench/gate_values.yaml``); each section is left out when its file is absent.
+  (``--config configs/bench/gate_values.yaml``), ``gate_residual.json`` with the residual relation key
+  (``--config configs/bench/gate_residual.yaml``); each section is left out when its file is absent.
 - ``values.json``: ``wisestream bench values`` (the output vectors' development choice; same module).
 - ``relations.json``: ``wisestream bench relations`` (how well relation keys separate rephrases from other
   relations of a subject, development split; same module).
@@ -482,6 +483,10 @@ def render_report(results: str | Path, planned: dict[str, list[int]] | None = No
     lines += gate_section(
         _load(results / "gate_values.json"),
         title="Routing rules for the output-vector layout (keyed-values): development split only",
+    )
+    lines += gate_section(
+        _load(results / "gate_residual.json"),
+        title="The relation gate with the residual relation key (keyed-values-residual): development split only",
     )
     lines += values_section(_load(results / "values.json"))
     lines += relations_section(_load(results / "relations.json"))

@@ -202,7 +202,7 @@ def scale_benchmark(
 
     keyed = KeyedLinear(lay.module)
     model.set_submodule(lay.module_path, keyed)
-    hook = keyed.attach(model)
+    hooks = keyed.attach(model)
     projection = relation_projection(shape[1], cfg.wise.keyed.relation_dim, cfg.wise.seed)
     flags = name_flags(tokenizer) if cfg.wise.keyed.whole_names else None
     try:
@@ -219,7 +219,8 @@ def scale_benchmark(
             del mems, snap
             keyed.set_memories([], projection, None)
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
         model.set_submodule(lay.module_path, lay.module)
     if shards_cfg is not None:
         rows += _shards_rows(

@@ -236,6 +236,15 @@ class JobConfig(FrozenConfig):
     publish: PublishConfig = PublishConfig()
     max_edits: int | None = Field(None, ge=1, description="stop after this many applied edits")
 
+    @model_validator(mode="after")
+    def _served_keys(self) -> JobConfig:
+        if self.publish.replicas and self.wise.layout == "keyed" and self.wise.keyed.relation_key != "mean":
+            raise ValueError(
+                f"wise.keyed.relation_key {self.wise.keyed.relation_key!r} is not served by the vLLM replicas "
+                "(publish.replicas > 0); use relation_key: mean"
+            )
+        return self
+
     def report_path(self) -> Path:
         return Path(self.output.report) if self.output.report else Path(self.output.dir) / "report.json"
 

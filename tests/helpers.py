@@ -79,8 +79,9 @@ WISE_SHARDS = """wise:
 """
 
 
-def tiny_keyed_config(n_iter: int = 40):
-    """The keyed-layout settings of the routing tests on the tiny model (layer 2, 16 columns, 4-edit blocks)."""
+def tiny_keyed_config(n_iter: int = 40, **keyed):
+    """The keyed-layout settings of the routing tests on the tiny model (layer 2, 16 columns, 4-edit blocks);
+    ``keyed``: further ``wise.keyed`` settings."""
     from wise.config import WiseConfig
 
     return WiseConfig.model_validate(
@@ -89,6 +90,13 @@ def tiny_keyed_config(n_iter: int = 40):
             templates={"count": 2, "length": 3},
             save_freq=2,
             merge_freq=2,
-            keyed={"columns": 16, "n_iter": n_iter, "lr": 0.1, "early_stop_loss": 0.05, "block_edits": 4},
+            keyed={
+                "columns": 16,
+                "n_iter": n_iter,
+                "lr": 0.1,
+                "early_stop_loss": 0.05,
+                "block_edits": 4,
+                **keyed,
+            },
         )
     )

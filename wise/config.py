@@ -79,6 +79,12 @@ class KeyedConfig(FrozenConfig):
     n_iter: int = Field(30, ge=1, description="optimisation steps per edit at most")
     early_stop_loss: float = Field(0.02, ge=0, description="stop an edit once its target loss is below this")
     relation_dim: int = Field(256, ge=8, le=4096, description="size of the relation keys")
+    relation_key: Literal["mean", "residual"] = Field(
+        "mean",
+        description="what a relation key reads: the mean input of the edited projection over the prompt's "
+        "tokens besides the subject (mean), or the residual stream entering the edited block at the prompt's "
+        "last token (residual; kept whole when relation_dim is the model's width)",
+    )
     min_similarity: float | None = Field(
         None,
         ge=-1,
@@ -103,7 +109,7 @@ class KeyedConfig(FrozenConfig):
 KEYED_ROUTING_ONLY = ("min_similarity", "whole_names")
 # keyed settings added after states were written, with the value such a state was made with (a benchmark's
 # recorded settings that lack one of these keys mean that value)
-KEYED_ADDED = {"values": False, "value_lr": 5.0}
+KEYED_ADDED = {"values": False, "value_lr": 5.0, "relation_key": "mean"}
 
 # keys that only the shards layout (WISE's own: dense shards, margins, activation router) reads
 SHARD_ONLY = (

@@ -154,6 +154,12 @@ def snapshot_of(config: dict, module_path: str, memories: list[Memory], setup: d
     if config.get("layout", "shards") == "keyed":
         from wise.keyed.trainer import relation_projection
 
+        if config["keyed"].get("relation_key", "mean") != "mean":
+            raise PublishError(
+                f"wise.keyed.relation_key {config['keyed']['relation_key']!r} is not served by the vLLM replicas "
+                "(they read the edited projection's input only); publish a state made with relation_key: mean"
+            )
+
         d_in = memories[0].delta.shape[1] if memories else 0
         proj = relation_projection(d_in, config["keyed"]["relation_dim"], config["seed"])
         from wise.keyed.names import decode_flags

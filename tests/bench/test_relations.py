@@ -31,13 +31,19 @@ def test_sentence_start_is_after_the_last_sentence_end_before_the_subject():
     assert sentence_start([9, 9, 1], before=3, ends=ends) == 2
 
 
+@pytest.mark.parametrize(
+    ("relation_key", "name", "settings"),
+    # the residual key kept whole: relation_dim is the tiny model's width (32)
+    [("mean", "router", {}), ("residual", "residual_last", {"relation_dim": 32})],
+)
 def test_router_key_is_the_one_the_edit_stores_and_the_router_compares(
-    tiny_model, tiny_tokenizer, edits, pool
+    tiny_model, tiny_tokenizer, edits, pool, relation_key, name, settings
 ):
-    ed = KeyedEditor(tiny_model, tiny_tokenizer, tiny_keyed_config(5), irrelevant=pool)
+    cfg = tiny_keyed_config(5, relation_key=relation_key, **settings)
+    ed = KeyedEditor(tiny_model, tiny_tokenizer, cfg, irrelevant=pool)
     ed.apply(edits)
     probe = KeyProbe(ed.trainer)
-    assert torch.allclose(probe.center["router"], ed.trainer.center.float(), atol=1e-5)
+    assert torch.allclose(probe.center[name], ed.trainer.center.float(), atol=1e-4)
     stored = torch.cat([m.relkeys for m in ed.routable()]).float()
     ids = [e for m in ed.routable() for e in m.edit_ids]
     query = "Danielle Darrieux speaks"
@@ -46,14 +52,14 @@ def test_router_key_is_the_one_the_edit_stores_and_the_router_compares(
         key = probe.keys(rec.prompt, variants)
         assert set(key) == set(KEYS)
         assert all(abs(float(v.norm()) - 1.0) < 1e-4 for v in key.values())
-        assert torch.allclose(key["router"], stored[ids.index(rec.id)], atol=2e-3), rec.id
+        assert torch.allclose(key[name], stored[ids.index(rec.id)], atol=2e-3), rec.id
     # the similarity the router computes for a routed query is the benchmark's router-key cosine
     batch = ed.tokens.collate([ed.tokens.row(query, "x", "{}")])
     with ed.routed.query_span(batch.span):
         ed.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     assert int(ed.routed.last_choice[0]) == ids.index("e0")
     routed_similarity = float(ed.routed.last_ratio[0]) - 1.0  # before the probe's own forwards reset it
-    want = float(stored[ids.index("e0")] @ probe.keys(query, ed.trainer.subject_variants(edits[0]))["router"])
+    want = float(stored[ids.index("e0")] @ probe.keys(query, ed.trainer.subject_variants(edits[0]))[name])
     assert routed_similarity == pytest.approx(want, abs=2e-3)
 
 

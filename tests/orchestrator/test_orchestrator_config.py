@@ -64,6 +64,12 @@ def test_a_key_of_the_other_layout_is_an_error_naming_it():
         ({}, ["max_edits=0"], r"max_edits: .*greater than or equal to 1"),
         ({}, ["nonsense"], r"must look like key\.sub=value"),
         ({"wise": 3}, ["wise.layer=2"], r"wise is a value"),
+        ({}, ["wise.keyed.relation_key=last"], r"wise\.keyed\.relation_key: .*'mean' or 'residual'"),
+        (
+            {},
+            ["wise.keyed.relation_key=residual", "publish.replicas=1"],
+            r"relation_key 'residual' is not served by the vLLM replicas",
+        ),
     ],
 )
 def test_bad_config_errors_name_the_key(data, overrides, message):

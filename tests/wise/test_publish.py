@@ -9,7 +9,15 @@ import torch
 from torch import nn
 
 from wise.memory import Memory
-from wise.publish import PublishError, ServingSnapshot, decode_package, encode_package, memory_id, route_flat
+from wise.publish import (
+    PublishError,
+    ServingSnapshot,
+    decode_package,
+    encode_package,
+    memory_id,
+    route_flat,
+    snapshot_of,
+)
 from wise.router import RoutedLinear
 
 D_IN, D_OUT, K = 12, 7, 3
@@ -94,3 +102,12 @@ def test_snapshot_without_edits_and_bad_packages_are_refused():
         ServingSnapshot.from_memories("m", "mean", [Memory(torch.zeros(2, 2))])
     with pytest.raises(PublishError, match="not a wisestream publish package"):
         decode_package(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+
+
+def test_a_state_with_residual_relation_keys_is_not_published():
+    from wise.config import WiseConfig
+
+    cfg = WiseConfig.model_validate({"keyed": {"relation_key": "residual"}}).model_dump()
+    mem = Memory(torch.zeros(4, 4), shard_ids=[0], edit_ids=["e0"])
+    with pytest.raises(PublishError, match="relation_key 'residual' is not served by the vLLM replicas"):
+        snapshot_of(cfg, "model.layers.2.mlp.down_proj", [mem], {})

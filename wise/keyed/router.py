@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from wise.keyed.table import SubjectTable, residual, route
+from wise.keyed.table import SubjectTable, last_positions, residual, route
 from wise.memory import Memory
 
 
@@ -47,6 +47,12 @@ class KeyedLinear(nn.Module):
         self.min_similarity: float | None = None
         self.name_flags: torch.Tensor | None = None  # whole names (wise.keyed.names), None: off
         self._ids: torch.Tensor | None = None  # input ids of the current forward (see attach)
+        # keyed.relation_key: "mean" reads this module's input, "residual" the edited block's input at the
+        # query's last token (block_input, captured by attach)
+        self.relation_key = "mean"
+        self.block_input: torch.Tensor | None = (
+            None  # (B, T, h) the edited block's input of the latest forward
+        )
         self._span: torch.Tensor | None = None
         self._routing_enabled = True
         self._holding = False
@@ -55,14 +61,23 @@ class KeyedLinear(nn.Module):
         self.last_choice: torch.Tensor | None = None
         self.last_ratio: torch.Tensor | None = None
 
-    def attach(self, model: nn.Module) -> torch.utils.hooks.RemovableHandle:
-        """Let the router see the token ids of every forward of ``model`` (it routes on the query's subject)."""
+    def attach(
+        self, model: nn.Module, block: nn.Module | None = None
+    ) -> list[torch.utils.hooks.RemovableHandle]:
+        """Let the router see the token ids of every forward of ``model`` (it routes on the query's subject)
+        and, given the edited ``block``, that block's input (the residual relation key reads it)."""
 
         def grab(_module, args, kwargs):
             ids = args[0] if args else kwargs.get("input")
             self._ids = ids
 
-        return model.get_input_embeddings().register_forward_pre_hook(grab, with_kwargs=True)
+        def grab_block(_module, args, kwargs):
+            self.block_input = args[0] if args else kwargs.get("hidden_states")
+
+        hooks = [model.get_input_embeddings().register_forward_pre_hook(grab, with_kwargs=True)]
+        if block is not None:
+            hooks.append(block.register_forward_pre_hook(grab_block, with_kwargs=True))
+        return hooks
 
     @property
     def n_entries(self) -> int:
@@ -164,6 +179,14 @@ class KeyedLinear(nn.Module):
         if span is None or tuple(span.shape) != (b, t):
             span = torch.ones((b, t), dtype=torch.bool, device=a.device)
         seg = torch.arange(b, device=a.device).repeat_interleave(t)
+        last_inputs = None
+        if self.relation_key == "residual":
+            h = self.block_input
+            if h is None or tuple(h.shape[:2]) != (b, t):
+                raise RuntimeError(
+                    "the residual relation key needs the edited block's input: attach(model, block)"
+                )
+            last_inputs = h[torch.arange(b, device=a.device), last_positions(span.to(a.device))]
         res = route(
             ids.reshape(-1),
             a.reshape(b * t, -1),
@@ -176,6 +199,7 @@ class KeyedLinear(nn.Module):
             self.center,
             self.min_similarity,
             self.name_flags,
+            last_inputs,
         )
         self.last_ratio = torch.where(res.choice >= 0, 1.0 + res.similarity, torch.zeros_like(res.similarity))
         if self._holding:

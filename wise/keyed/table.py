@@ -6,8 +6,9 @@ An edit is keyed by its **subject**: the token sequences of the subject string a
 span (the prompt a user sends) contains one of those token sequences contiguously; the longest subject found
 wins (``Microsoft Office`` over ``Microsoft``), and when several edits share that subject (the same entity
 edited for several relations), the one whose **relation key** is nearest to the query's wins. The relation key
-is the mean activation at the edited layer of the prompt's tokens other than the subject's, centred on unrelated
-prompts and projected to a few hundred dimensions; ``min_similarity`` can refuse a query whose relation is too
+is the mean activation at the edited layer of the prompt's tokens other than the subject's (or, with
+``keyed.relation_key: residual``, the residual stream entering the edited block at the prompt's last token),
+centred on unrelated prompts and projected to a few hundred dimensions; ``min_similarity`` can refuse a query whose relation is too
 far from the edit's (a question about another fact of the same subject). With ``name_flags``, a subject found
 inside a longer name (``"Ireland"`` in ``"Jill Ireland"``) does not match (:mod:`wise.keyed.names`).
 
@@ -139,6 +140,12 @@ def segment_means(x: torch.Tensor, seg: torch.Tensor, span: torch.Tensor, n_seg:
     return sums / counts.clamp(min=1.0).unsqueeze(1)
 
 
+def last_positions(span: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last span token ((B, T) bool -> (B,) long; 0 for an empty span)."""
+    pos = torch.arange(span.shape[1], device=span.device).expand_as(span)
+    return torch.where(span.bool(), pos, torch.zeros_like(pos)).amax(1)
+
+
 def relation_vectors(
     means: torch.Tensor, projection: torch.Tensor, center: torch.Tensor | None
 ) -> torch.Tensor:
@@ -161,6 +168,7 @@ def route(
     center: torch.Tensor | None,
     min_similarity: float | None = None,
     name_flags: torch.Tensor | None = None,
+    last_inputs: torch.Tensor | None = None,
 ) -> RouteResult:
     """Choose the answering entry of every segment of a flattened batch.
 
@@ -176,6 +184,8 @@ def route(
         min_similarity: entries whose relation similarity is below this do not answer (None: no gate).
         name_flags: (V,) uint8 :func:`wise.keyed.names.name_flags`: a subject inside a longer name does not
             match (None: every contiguous match counts).
+        last_inputs: (R, h) per segment, the residual stream entering the edited block at its last span token
+            (``keyed.relation_key: residual``): the relation key reads it instead of the mean of ``x``.
 
     Returns:
         A :class:`RouteResult`.
@@ -201,14 +211,17 @@ def route(
     token = torch.where(matched, best % (n + 1), torch.zeros_like(best)).clamp(max=max(n - 1, 0))
     cands = table.groups[tok_group[token]]  # (R, W) entries sharing the longest subject
     cands = torch.where(matched.unsqueeze(1), cands, torch.full_like(cands, -1))
-    # the relation is what the query says besides the subject: its span without the matched subject tokens
-    pos = torch.arange(n, device=dev)
-    last, size = token[seg], length[seg]
-    in_subject = (pos <= last) & (pos > last - size)
-    rest = span & ~in_subject
-    has_rest = torch.zeros(n_seg, dtype=torch.long, device=dev).index_add_(0, seg, rest.long()) > 0
-    rest = torch.where(has_rest[seg], rest, span)
-    query = relation_vectors(segment_means(x, seg, rest, n_seg), projection, center)  # (R, r)
+    if last_inputs is not None:
+        query = relation_vectors(last_inputs, projection, center)  # (R, r)
+    else:
+        # the relation is what the query says besides the subject: its span without the matched subject tokens
+        pos = torch.arange(n, device=dev)
+        last, size = token[seg], length[seg]
+        in_subject = (pos <= last) & (pos > last - size)
+        rest = span & ~in_subject
+        has_rest = torch.zeros(n_seg, dtype=torch.long, device=dev).index_add_(0, seg, rest.long()) > 0
+        rest = torch.where(has_rest[seg], rest, span)
+        query = relation_vectors(segment_means(x, seg, rest, n_seg), projection, center)  # (R, r)
     sim = (relkeys[cands.clamp(min=0)].float() * query.unsqueeze(1)).sum(-1)  # (R, W)
     sim = torch.where(cands >= 0, sim, torch.full_like(sim, -2.0))
     best_sim, slot = sim.max(dim=1)
@@ -272,6 +285,7 @@ def residual(
 __all__ = [
     "RouteResult",
     "SubjectTable",
+    "last_positions",
     "ngram_hashes",
     "relation_vectors",
     "residual",

@@ -34,7 +34,7 @@ from wise.config import WiseConfig
 from wise.engine import CachedEngine
 from wise.keyed.names import encode_flags, flags_of, name_flags, name_span
 from wise.keyed.router import KeyedLinear
-from wise.keyed.table import relation_vectors, subject_positions
+from wise.keyed.table import last_positions, relation_vectors, subject_positions
 from wise.layout import resolve_layout
 from wise.memory import Memory
 from wise.router import RoutedLinear
@@ -59,6 +59,17 @@ def relation_projection(d_in: int, r: int, seed: int) -> torch.Tensor:
     """The fixed (d_in, r) Gaussian projection of relation keys (a pure function of ``seed``)."""
     gen = torch.Generator().manual_seed((seed * 1_000_003 + _PROJECTION_STREAM) % (2**63 - 1))
     return torch.randn(d_in, r, generator=gen) / math.sqrt(r)
+
+
+def key_projection(keyed, seed: int, d_in: int, width: int) -> torch.Tensor:
+    """The relation keys' projection for the settings ``keyed`` (a :class:`~wise.config.KeyedConfig`): from the
+    edited projection's input (``d_in``) for ``relation_key: mean``; from the residual stream (``width``) for
+    ``residual``, the identity when ``relation_dim`` is that width (the key kept whole)."""
+    if keyed.relation_key == "residual":
+        if keyed.relation_dim == width:
+            return torch.eye(width)
+        return relation_projection(width, keyed.relation_dim, seed)
+    return relation_projection(d_in, keyed.relation_dim, seed)
 
 
 def normalize_prompt(text: str) -> str:
@@ -100,14 +111,15 @@ class KeyedTrainer:
             raise StateError(f"{lay.module_path} is already routed: one editor per model")
         self.routed = KeyedLinear(lay.module, transposed=lay.layout.transposed)
         model.set_submodule(lay.module_path, self.routed)
-        self._hook = self.routed.attach(model)
+        self.routed.relation_key = cfg.keyed.relation_key
+        residual = cfg.keyed.relation_key == "residual"
+        self._hooks = self.routed.attach(model, lay.block if residual else None)
         self.layout = resolve_layout(model, cfg.layer, cfg.module)
         self.transposed = lay.layout.transposed
         self.engine = CachedEngine(model, self.layout)
         self.irrelevant = [(p, a) for p, a in irrelevant]
-        self.projection = relation_projection(self.routed.d_in, cfg.keyed.relation_dim, cfg.seed).to(
-            self.device
-        )
+        width = model.get_input_embeddings().embedding_dim
+        self.projection = key_projection(cfg.keyed, cfg.seed, self.routed.d_in, width).to(self.device)
         self.templates: list[str] | None = None
         self.center: torch.Tensor | None = None  # (r,) mean relation vector of the irrelevant pool
         self._df: Counter[int] | None = None  # token document frequencies in the pool (derived subjects)
@@ -152,7 +164,7 @@ class KeyedTrainer:
             logger.info("context templates: %s", self.templates)
         if self.center is None:
             if self.irrelevant:
-                means = self.span_means([p for p, _ in self.irrelevant])
+                means = self.key_inputs([p for p, _ in self.irrelevant])
                 self.center = (means @ self.projection).mean(0)
             else:
                 logger.warning("no irrelevant pool given: relation keys are not centred")
@@ -174,11 +186,22 @@ class KeyedTrainer:
 
     # ------------------------------------------------------------------ keys
     @torch.no_grad()
-    def span_means(self, prompts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
-        """Mean input of the edited projection over each prompt's tokens (main memory only): (n, d_in)."""
+    def key_inputs(self, prompts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
+        """What the relation key of each prompt reads, the whole prompt counted (main memory only): the mean
+        input of the edited projection over its tokens (n, d_in), or with ``relation_key: residual`` the
+        edited block's input at its last token (n, width)."""
+        residual = self.cfg.keyed.relation_key == "residual"
         out: list[torch.Tensor] = []
         captured: dict[str, torch.Tensor] = {}
-        hook = self.routed.register_forward_pre_hook(lambda _m, args: captured.__setitem__("a", args[0]))
+        if residual:
+            hook = self.layout.block.register_forward_pre_hook(
+                lambda _m, args, kwargs: captured.__setitem__(
+                    "a", args[0] if args else kwargs["hidden_states"]
+                ),
+                with_kwargs=True,
+            )
+        else:
+            hook = self.routed.register_forward_pre_hook(lambda _m, args: captured.__setitem__("a", args[0]))
         try:
             for i in range(0, len(prompts), batch_size):
                 rows = [
@@ -192,11 +215,15 @@ class KeyedTrainer:
                         use_cache=False,
                         logits_to_keep=1,
                     )
-                span = batch.span.to(captured["a"].dtype).unsqueeze(-1)
-                out.append((captured["a"] * span).sum(1) / span.sum(1).clamp(min=1.0))
+                a = captured["a"]
+                if residual:
+                    out.append(a[torch.arange(a.shape[0], device=a.device), last_positions(batch.span)])
+                else:
+                    span = batch.span.to(a.dtype).unsqueeze(-1)
+                    out.append((a * span).sum(1) / span.sum(1).clamp(min=1.0))
         finally:
             hook.remove()
-        return torch.cat(out).float() if out else torch.zeros(0, self.routed.d_in, device=self.device)
+        return torch.cat(out).float() if out else torch.zeros(0, self.projection.shape[0], device=self.device)
 
     def subject_variants(self, edit: EditLike) -> list[list[int]]:
         """Token ids of the edit's subject mid-sentence (``" X"``) and at a prompt's start (``"X"``).
@@ -268,6 +295,7 @@ class KeyedTrainer:
         batch = self.tokens.collate(rows).to(self.device)
         n = len(shards)
         st = self.engine.frozen_prefix(batch, torch.tensor(owner), n)
+        block_input = self.routed.block_input  # the edited block's input of that forward (residual keys)
         cols = [
             edit_columns(self.routed.d_in, self.cfg.keyed.columns, self.cfg.seed, i).to(self.device)
             for i in indices
@@ -287,7 +315,7 @@ class KeyedTrainer:
         outcomes = []
         with torch.no_grad():
             variants = [self.subject_variants(e) for e in edits]
-            keys = self._relation_keys(st, batch, variants)
+            keys = self._relation_keys(st, batch, variants, block_input)
             for s, (shard, e) in enumerate(zip(shards, edits, strict=True)):
                 self._write_columns(shard.delta, cols[s], params[s, :, : cols[s].numel()].detach())
                 if values:
@@ -302,12 +330,18 @@ class KeyedTrainer:
                 outcomes.append([EditOutcome(e.id, steps[s], losses[s], float("nan"), float("nan"))])
         return outcomes
 
-    def _relation_keys(self, st, batch, variants: list[list[list[int]]]) -> torch.Tensor:
+    def _relation_keys(self, st, batch, variants: list[list[list[int]]], block_input=None) -> torch.Tensor:
         """Each edit's relation key: the mean activation of its prompt's tokens besides its subject (on the
-        empty template's row), as :func:`wise.keyed.table.route` measures a query. (S, r) float16."""
+        empty template's row), or with ``relation_key: residual`` the edited block's input ``block_input`` at
+        the prompt's last token, as :func:`wise.keyed.table.route` measures a query. (S, r) float16."""
         means = []
         for s, v in enumerate(variants):
             row = int(st.plan.rows[s][0])  # the empty template's row of shard s
+            if self.cfg.keyed.relation_key == "residual":
+                if block_input is None or block_input.shape[0] != batch.span.shape[0]:
+                    raise StateError("residual relation keys need the edited block's input of the edit batch")
+                means.append(block_input[row, last_positions(batch.span[row : row + 1])[0]].float())
+                continue
             span = batch.span[row].nonzero().squeeze(1)
             ids = batch.input_ids[row, span].tolist()
             subject = set(subject_positions(ids, v))
@@ -370,4 +404,10 @@ class KeyedTrainer:
         return lockstep(self.step, shards, starts, edits, limit, 1)
 
 
-__all__ = ["KeyedTrainer", "edit_columns", "normalize_prompt", "relation_projection"]
+__all__ = [
+    "KeyedTrainer",
+    "edit_columns",
+    "key_projection",
+    "normalize_prompt",
+    "relation_projection",
+]
