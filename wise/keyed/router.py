@@ -48,11 +48,9 @@ class KeyedLinear(nn.Module):
         self.name_flags: torch.Tensor | None = None  # whole names (wise.keyed.names), None: off
         self._ids: torch.Tensor | None = None  # input ids of the current forward (see attach)
         # keyed.relation_key: "mean" reads this module's input, "residual" the edited block's input at the
-        # query's last token (block_input, captured by attach)
+        # query's last token: block_input, (B, T, h) of the latest forward, captured by attach
         self.relation_key = "mean"
-        self.block_input: torch.Tensor | None = (
-            None  # (B, T, h) the edited block's input of the latest forward
-        )
+        self.block_input: torch.Tensor | None = None
         self._span: torch.Tensor | None = None
         self._routing_enabled = True
         self._holding = False

@@ -8,8 +8,8 @@ wins (``Microsoft Office`` over ``Microsoft``), and when several edits share tha
 edited for several relations), the one whose **relation key** is nearest to the query's wins. The relation key
 is the mean activation at the edited layer of the prompt's tokens other than the subject's (or, with
 ``keyed.relation_key: residual``, the residual stream entering the edited block at the prompt's last token),
-centred on unrelated prompts and projected to a few hundred dimensions; ``min_similarity`` can refuse a query whose relation is too
-far from the edit's (a question about another fact of the same subject). With ``name_flags``, a subject found
+centred on unrelated prompts and projected to a few hundred dimensions; ``min_similarity`` can refuse a query
+whose relation is too far from the edit's (a question about another fact of the same subject). With ``name_flags``, a subject found
 inside a longer name (``"Ireland"`` in ``"Jill Ireland"``) does not match (:mod:`wise.keyed.names`).
 
 Why subjects and not the side memory's activation (WISE's router): on the embedded model the activation of
