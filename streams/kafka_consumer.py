@@ -192,8 +192,9 @@ class KafkaEditConsumer:
 
         Returns as soon as at least one message is available (up to ``max_records``), or after
         ``timeout_s`` with an empty list. Rejected messages are in the dead-letter topic when this returns.
-        While paused (:meth:`pause_all`) it returns nothing, but must still be called regularly (at least
-        every ``max.poll.interval.ms``, 5 min by default) to stay in the group.
+        While paused (:meth:`pause_all`) it returns nothing, except messages of a partition that a rebalance
+        assigns during this very call (they are handed out and must be kept like any other), but must still
+        be called regularly (at least every ``max.poll.interval.ms``, 5 min by default) to stay in the group.
 
         Args:
             max_records: Most items to return (default ``settings.max_prefetch``).
