@@ -42,8 +42,8 @@ from bench.quality import (
     QualityConfig,
     dataset_records,
     interleave,
+    keyed_method,
     load_spec,
-    method_settings,
     plan_mixed,
     plan_run,
     pre_probes_dir,
@@ -354,19 +354,10 @@ def gate_benchmark(qcfg: QualityConfig, spec: GateSpec, out: Path, command: str)
     ``out``."""
     from bench.quality import machine, make_editor
     from orchestrator.config import build_config
-    from orchestrator.inputs import irrelevant_pool
     from orchestrator.model_store import load_model
 
-    method = qcfg.methods.get(spec.method)
-    if method is None or method.kind != "wise":
-        raise ConfigError(f"gate.method: {spec.method!r} is not a wise method of the config")
-    settings = method_settings(method)
-    if settings.layout != "keyed":
-        raise ConfigError(
-            f"gate.method: {spec.method!r} is not the keyed layout (the gate is keyed routing's)"
-        )
+    settings, pool = keyed_method(qcfg, spec.method, "gate.method")
     job_cfg = build_config({"model": qcfg.model.model_dump()})
-    pool = irrelevant_pool(build_config({"irrelevant": method.irrelevant})) if method.irrelevant else []
 
     def make():
         model, tokenizer = load_model(job_cfg)

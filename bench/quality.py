@@ -211,6 +211,26 @@ def method_settings(spec: MethodSpec, smoke: bool = False) -> BaseModel:
         raise ConfigError(f"method settings ({spec.kind}): {err}") from None
 
 
+def keyed_method(qcfg: QualityConfig, name: str, where: str) -> tuple[Any, list[tuple[str, str]]]:
+    """The settings (a keyed-layout WiseConfig) and irrelevant pool of the quality config's method ``name``, for
+    the benchmarks that study keyed routing (``where`` names the config key in errors).
+
+    Raises:
+        ConfigError: no such method, not a wise method, or not the keyed layout.
+    """
+    from orchestrator.config import build_config
+    from orchestrator.inputs import irrelevant_pool
+
+    method = qcfg.methods.get(name)
+    if method is None or method.kind != "wise":
+        raise ConfigError(f"{where}: {name!r} is not a wise method of the quality config")
+    settings = method_settings(method)
+    if settings.layout != "keyed":
+        raise ConfigError(f"{where}: {name!r} is not the keyed layout")
+    pool = irrelevant_pool(build_config({"irrelevant": method.irrelevant})) if method.irrelevant else []
+    return settings, pool
+
+
 def _merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():

@@ -37,8 +37,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from bench.milestones import write_json
-from bench.quality import DatasetSpec, dataset_records, load_spec, method_settings
-from orchestrator.config import ConfigError
+from bench.quality import DatasetSpec, dataset_records, keyed_method, load_spec
 from wise.config import FrozenConfig
 from wise.keyed.table import relation_vectors, subject_positions
 from wise.keyed.trainer import relation_projection
@@ -213,17 +212,10 @@ def relations_benchmark(qcfg, spec: RelationsSpec, out: Path, command: str) -> d
     """Measure the separation of every key on the development records; write ``out``."""
     from bench.quality import machine
     from orchestrator.config import build_config
-    from orchestrator.inputs import irrelevant_pool
     from orchestrator.model_store import load_model
     from wise.factory import make_trainer
 
-    method = qcfg.methods.get(spec.method)
-    if method is None or method.kind != "wise":
-        raise ConfigError(f"relations.method: {spec.method!r} is not a wise method of the config")
-    settings = method_settings(method)
-    if settings.layout != "keyed":
-        raise ConfigError(f"relations.method: {spec.method!r} is not the keyed layout")
-    pool = irrelevant_pool(build_config({"irrelevant": method.irrelevant})) if method.irrelevant else []
+    settings, pool = keyed_method(qcfg, spec.method, "relations.method")
     model, tokenizer = load_model(build_config({"model": qcfg.model.model_dump()}))
     probe = KeyProbe(make_trainer(model, tokenizer, settings, pool))
     dev = dataset_records(spec.dev, spec.dev_limit)

@@ -19,7 +19,7 @@ from pydantic import Field, ValidationError
 
 from bench.gate import develop, load_gate_config
 from bench.milestones import write_json
-from bench.quality import QualityConfig, load_quality_config, load_spec, method_settings
+from bench.quality import QualityConfig, keyed_method, load_quality_config, load_spec
 from orchestrator.config import ConfigError, format_errors
 from wise.config import FrozenConfig
 
@@ -69,19 +69,12 @@ def values_benchmark(spec: ValuesSpec, out: Path, command: str) -> dict[str, Any
     """Edit and probe the development stream under every setting of the grid, choose one; write ``out``."""
     from bench.quality import machine, make_editor
     from orchestrator.config import build_config
-    from orchestrator.inputs import irrelevant_pool
     from orchestrator.model_store import load_model
 
     gate = load_gate_config(spec.gate)
     qcfg: QualityConfig = load_quality_config(gate.quality)
-    method = qcfg.methods.get(gate.method)
-    if method is None or method.kind != "wise":
-        raise ConfigError(f"{spec.gate}: method {gate.method!r} is not a wise method of the quality config")
-    base = method_settings(method)
-    if base.layout != "keyed":
-        raise ConfigError(f"{spec.gate}: method {gate.method!r} is not the keyed layout")
+    base, pool = keyed_method(qcfg, gate.method, f"{spec.gate}: method")
     job_cfg = build_config({"model": qcfg.model.model_dump()})
-    pool = irrelevant_pool(build_config({"irrelevant": method.irrelevant})) if method.irrelevant else []
     work = Path(qcfg.work)
     pre = work / "gate-dev" / gate.method / "probes-pre"
     rows = []

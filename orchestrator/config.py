@@ -238,11 +238,12 @@ class JobConfig(FrozenConfig):
 
     @model_validator(mode="after")
     def _served_keys(self) -> JobConfig:
-        if self.publish.replicas and self.wise.layout == "keyed" and self.wise.keyed.relation_key != "mean":
-            raise ValueError(
-                f"wise.keyed.relation_key {self.wise.keyed.relation_key!r} is not served by the vLLM replicas "
-                "(publish.replicas > 0); use relation_key: mean"
-            )
+        from wise.publish import unserved_relation_key
+
+        if self.publish.replicas and self.wise.layout == "keyed":
+            refusal = unserved_relation_key(self.wise.keyed.relation_key)
+            if refusal:
+                raise ValueError(f"{refusal} (publish.replicas > 0)")
         return self
 
     def report_path(self) -> Path:

@@ -148,17 +148,26 @@ def state_memories(tensors: dict[str, torch.Tensor], meta: dict) -> list[Memory]
     return mems
 
 
+def unserved_relation_key(relation_key: str) -> str | None:
+    """Why the vLLM replicas cannot serve edits keyed by ``relation_key`` (``wise.keyed.relation_key``), or None
+    when they can: they read the edited projection's input only, not the edited block's (``residual``)."""
+    if relation_key == "mean":
+        return None
+    return (
+        f"wise.keyed.relation_key {relation_key!r} is not served by the vLLM replicas (they read the edited "
+        "projection's input only); publish edits made with relation_key: mean"
+    )
+
+
 def snapshot_of(config: dict, module_path: str, memories: list[Memory], setup: dict) -> ServingSnapshot:
     """The snapshot of ``memories`` for the layout ``config`` (a dumped :class:`~wise.config.WiseConfig`),
     ``setup`` holding the keyed layout's relation ``center`` and ``name_flags`` (what the trainers share)."""
     if config.get("layout", "shards") == "keyed":
         from wise.keyed.trainer import relation_projection
 
-        if config["keyed"].get("relation_key", "mean") != "mean":
-            raise PublishError(
-                f"wise.keyed.relation_key {config['keyed']['relation_key']!r} is not served by the vLLM replicas "
-                "(they read the edited projection's input only); publish a state made with relation_key: mean"
-            )
+        refusal = unserved_relation_key(config["keyed"].get("relation_key", "mean"))
+        if refusal:
+            raise PublishError(refusal)
 
         d_in = memories[0].delta.shape[1] if memories else 0
         proj = relation_projection(d_in, config["keyed"]["relation_dim"], config["seed"])
@@ -418,4 +427,5 @@ __all__ = [
     "route_flat",
     "snapshot_of",
     "state_memories",
+    "unserved_relation_key",
 ]

@@ -107,3 +107,18 @@ def test_report_section_shows_every_key_and_the_disjoint_rephrases():
     assert "| unedited next-token distribution (not a one-pass key) | 0.800 | 0.24 |" in text
     assert "24% of the rephrases" in text and "| P is located in | People in P speak | 0.000 |" in text
     assert relations_section(None) == []
+
+
+def test_a_method_that_is_not_keyed_wise_is_one_clear_error():
+    from bench.quality import keyed_method, load_quality_config
+
+    qcfg = load_quality_config("configs/bench/quality.yaml")
+    for name, message in (
+        ("nope", "'nope' is not a wise method"),
+        ("ft-l", "'ft-l' is not a wise method"),
+        ("wise-retrieve", "'wise-retrieve' is not the keyed layout"),
+    ):
+        with pytest.raises(ConfigError, match=f"relations.method: {message}"):
+            keyed_method(qcfg, name, "relations.method")
+    settings, pool = keyed_method(qcfg, "keyed-values-residual", "relations.method")
+    assert settings.keyed.relation_key == "residual" and len(pool) == 400

@@ -193,15 +193,7 @@ class KeyedTrainer:
         residual = self.cfg.keyed.relation_key == "residual"
         out: list[torch.Tensor] = []
         captured: dict[str, torch.Tensor] = {}
-        if residual:
-            hook = self.layout.block.register_forward_pre_hook(
-                lambda _m, args, kwargs: captured.__setitem__(
-                    "a", args[0] if args else kwargs["hidden_states"]
-                ),
-                with_kwargs=True,
-            )
-        else:
-            hook = self.routed.register_forward_pre_hook(lambda _m, args: captured.__setitem__("a", args[0]))
+        hook = self.routed.register_forward_pre_hook(lambda _m, args: captured.__setitem__("a", args[0]))
         try:
             for i in range(0, len(prompts), batch_size):
                 rows = [
@@ -216,8 +208,9 @@ class KeyedTrainer:
                         logits_to_keep=1,
                     )
                 a = captured["a"]
-                if residual:
-                    out.append(a[torch.arange(a.shape[0], device=a.device), last_positions(batch.span)])
+                if residual:  # the router's own capture of the edited block's input (attach)
+                    h = self.routed.block_input
+                    out.append(h[torch.arange(h.shape[0], device=h.device), last_positions(batch.span)])
                 else:
                     span = batch.span.to(a.dtype).unsqueeze(-1)
                     out.append((a * span).sum(1) / span.sum(1).clamp(min=1.0))
