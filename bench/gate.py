@@ -34,6 +34,7 @@ from typing import Any
 
 from pydantic import Field
 
+from bench.carry import unpack
 from bench.conflicts import locality_split
 from bench.milestones import edit_until, milestone_path, resume_editor, write_json
 from bench.quality import (
@@ -67,7 +68,11 @@ class GateSpec(FrozenConfig):
     mix: MixSpec | None = Field(None, description="development records mixed in (same-subject probes)")
     grid: tuple[float, ...] = Field(description="gate values tried, increasing")
     tolerance: float = Field(0.02, ge=0, description="largest fall of any rel/gen metric the gate may cost")
-    apply: tuple[str, ...] = Field((), description="runs METHOD/DATASET measured at their final state")
+    apply: tuple[str, ...] = Field(
+        (),
+        description="runs METHOD/DATASET measured at their final state; a run of another method whose "
+        "settings differ in the relation key only is re-keyed with this one's",
+    )
     checkpoint_every: int = Field(25, ge=1)
 
 
@@ -275,12 +280,24 @@ def derive_free(on: dict, off: dict, pre: dict, measure) -> int:
 
 
 def measure_run(
-    qcfg: QualityConfig, run_name: str, names: bool, gate: float | None, make, work: Path
+    qcfg: QualityConfig,
+    run_name: str,
+    names: bool,
+    gate: float | None,
+    make,
+    work: Path,
+    make_own=None,
 ) -> dict[str, Any]:
     """A finished run's final state with whole names off and on, and with the settings chosen: its own edits'
     metrics, from teacher-forced probes measured here, the free-generation outcomes of its milestone result
-    (measured with whole names off; with them on derived by :func:`derive_free`) and the pre-edit probes kept
-    by the quality benchmark (measured here when they are missing).
+    (for the probes routed as the result routed them; the others derived by :func:`derive_free`) and the
+    pre-edit probes kept by the quality benchmark (measured here when they are missing).
+
+    ``make`` builds the editor of the gate's method. When ``make_own`` is given it builds the editor of the
+    run's own method, whose settings differ from the gate's in the relation key only: the run's state is then
+    re-keyed (:meth:`~wise.keyed.editor.KeyedEditor.load_rekeyed`: the same edits, the keys the gate's method
+    stores) and measured with the whole-name setting chosen only, ungated and gated; its own probes under the
+    result's routing carry the result's free-generation outcomes.
 
     Raises:
         ConfigError: unknown run, no state, or no milestone result for its state.
@@ -293,6 +310,8 @@ def measure_run(
         raise ConfigError(f"gate.apply: unknown run {run_name!r}; choose among {sorted(runs)}")
     run = runs[run_name]
     work_dir = work / run.dataset / run.method
+    if qcfg.carry:  # a long run carried in the repository: its state is restored first
+        unpack(Path(qcfg.carry) / run.dataset / run.method, work_dir)
     progress_path = work_dir / "progress.json"
     if not progress_path.exists():
         raise ConfigError(
@@ -306,36 +325,59 @@ def measure_run(
     if not result_path.exists():
         raise ConfigError(f"gate.apply: {run_name} has no result at T={len(own)} ({result_path})")
     result = json.loads(result_path.read_text())
-    editor = make()
-    editor.load(work_dir / "state")
-    editor.prepare()
-    if editor.n_edits != n:
-        raise ConfigError(f"{work_dir}: state holds {editor.n_edits} edits, progress says {n}")
+    # the result's free-generation outcomes hold for its own routing (runs recorded before the rule: off)
+    result_names = bool(result["settings"].get("keyed", {}).get("whole_names", False))
+
+    def load(build, rekey: bool):
+        editor = build()
+        (editor.load_rekeyed if rekey else editor.load)(work_dir / "state")
+        editor.prepare()
+        if editor.n_edits != n:
+            raise ConfigError(f"{work_dir}: state holds {editor.n_edits} edits, progress says {n}")
+        return editor
+
+    def probes(editor, on: bool, suffix: str = "") -> dict:
+        flags = name_flags(editor.tokens.tokenizer) if on else None
+        with editor.routed.names(flags):
+            cache = work_dir / f"gate-probes-T{n}-{routing_tag(flags)}{suffix}"
+            return cached_probes(
+                editor.model, editor.routed, editor.tokens, own, cache=cache, generate=False, progress=True
+            )
+
+    editor = load(make_own or make, False)
+    carrier = probes(editor, result_names)  # the run's own state routed as its result was
+    check = max(
+        abs(v - result["teacher_forced"][m]) for m, v in metrics_row(carrier, own)["teacher_forced"].items()
+    )
+    if qcfg.generate:
+        per_edit = result["per_edit"]
+        if len(carrier["gen_owner"]) != len(own):
+            raise ConfigError(f"gate.apply: {run_name}: free generation needs one rephrase per edit")
+        carrier["rel_hit"] = [e["generate_reliability"] for e in per_edit]
+        carrier["gen_hit"] = [e["generate_generalization"] for e in per_edit]
+    if make_own is not None:
+        del editor
+        editor = load(make, True)
+        posts = {names: probes(editor, names, "-rekeyed")}
+        settings = [(names, None)]
+    else:
+        posts = {on: carrier if on == result_names else probes(editor, on) for on in (False, True)}
+        settings = [(False, None), (True, None)]
     args = (editor.model, editor.routed, editor.tokens, own)
-    flags = name_flags(editor.tokens.tokenizer)
-    posts = {}
-    for on in (False, True):
-        with editor.routed.names(flags if on else None):
-            cache = work_dir / f"gate-probes-T{n}-{routing_tag(flags if on else None)}"
-            posts[on] = cached_probes(*args, cache=cache, generate=False, progress=True)
     pre_cache = pre_probes_dir(work, run.dataset, qcfg.model)
     pre = cached_probes(*args, cache=pre_cache, main_only=True, generate=qcfg.generate, progress=True)
     measured = 0
     if qcfg.generate:
-        per_edit = result["per_edit"]
-        if len(posts[False]["gen_owner"]) != len(own):
-            raise ConfigError(f"gate.apply: {run_name}: free generation needs one rephrase per edit")
-        posts[False]["rel_hit"] = [e["generate_reliability"] for e in per_edit]
-        posts[False]["gen_hit"] = [e["generate_generalization"] for e in per_edit]
+        for on, post in posts.items():
+            if post is carrier:
+                continue
 
-        def measure(indices: list[int]) -> dict:
-            with editor.routed.names(flags):
-                return probe_records(*args[:3], [own[i] for i in indices], generate=True)
+            def measure(indices: list[int], on: bool = on) -> dict:
+                with editor.routed.names(name_flags(editor.tokens.tokenizer) if on else None):
+                    return probe_records(*args[:3], [own[i] for i in indices], generate=True)
 
-        measured = derive_free(posts[True], posts[False], pre, measure)
-    plain = metrics_row(posts[False], own)["teacher_forced"]
-    check = max(abs(plain[m] - result["teacher_forced"][m]) for m in plain)
-    settings = [(False, None), (True, None)] + ([(names, gate)] if gate is not None else [])
+            measured += derive_free(post, carrier, pre, measure)
+    settings += [(names, gate)] if gate is not None else []
     rows = [
         {"whole_names": on, "gate": g, "metrics": metrics_row(gate_probes(posts[on], pre, g), own)}
         for on, g in settings
@@ -343,6 +385,7 @@ def measure_run(
     return {
         "T": len(own),
         "result": str(result_path),
+        "rekeyed": make_own is not None,
         "ungated_vs_result": check,
         "free_generation_measured": measured,
         "rows": rows,
@@ -356,19 +399,28 @@ def gate_benchmark(qcfg: QualityConfig, spec: GateSpec, out: Path, command: str)
     from orchestrator.config import build_config
     from orchestrator.model_store import load_model
 
-    settings, pool = keyed_method(qcfg, spec.method, "gate.method")
     job_cfg = build_config({"model": qcfg.model.model_dump()})
 
-    def make():
-        model, tokenizer = load_model(job_cfg)
-        return make_editor("wise", settings, model, tokenizer, pool)
+    def factory(method: str, where: str):
+        settings, pool = keyed_method(qcfg, method, where)
 
+        def make():
+            model, tokenizer = load_model(job_cfg)
+            return make_editor("wise", settings, model, tokenizer, pool)
+
+        return settings, make
+
+    settings, make = factory(spec.method, "gate.method")
     work = Path(qcfg.work)
     dev = develop(qcfg, spec, settings, make, work)
     result: dict[str, Any] = {"dev": dev, "test": {}, "command": command, "machine": machine()}
     write_json(out, result)
+    runs = {r.name: r.method for r in qcfg.runs}
     for name in spec.apply:
-        result["test"][name] = measure_run(qcfg, name, dev["names_chosen"], dev["chosen"], make, work)
+        method = runs.get(name, spec.method)  # an unknown run: measure_run names it
+        make_own = None if method == spec.method else factory(method, "gate.apply")[1]
+        chosen = dev["names_chosen"], dev["chosen"]
+        result["test"][name] = measure_run(qcfg, name, *chosen, make, work, make_own)
         write_json(out, result)
     return result
 

@@ -107,6 +107,9 @@ class KeyedConfig(FrozenConfig):
 # keyed settings read only when a query is routed: a state does not depend on them (benchmarks resume a run's
 # state when only these differ)
 KEYED_ROUTING_ONLY = ("min_similarity", "whole_names")
+# keyed settings that decide only the relation keys an edit stores, which can be computed again from its stored
+# prompt and subject (wise.keyed.editor.KeyedEditor.load_rekeyed)
+KEYED_KEY_ONLY = ("relation_key", "relation_dim")
 # keyed settings added after states were written, with the value such a state was made with (a benchmark's
 # recorded settings that lack one of these keys mean that value)
 KEYED_ADDED = {"values": False, "value_lr": 5.0, "relation_key": "mean"}

@@ -252,3 +252,88 @@ def test_a_missing_or_broken_gate_config_is_one_clear_error(tmp_path):
     broken.write_text("dev: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_gate_config(broken)
+
+
+def test_a_run_rekeyed_measures_as_an_evaluation_of_its_rekeyed_state(
+    tiny_model, tiny_tokenizer, edits, pool, tmp_path
+):
+    import copy
+    import json
+
+    from bench.gate import measure_run
+    from bench.milestones import milestone_path
+    from bench.quality import DatasetSpec, MethodSpec, QualityConfig, RunSpec, plan_run
+
+    # one rephrase per edit (as the runs have); two relations of one subject: which of them answers a query is
+    # the relation key's choice (on the tiny model, the mean key sends e0's rephrase to e4, the residual to e0)
+    recs = [
+        e if e.rephrase else dataclasses.replace(e, rephrase=("Toko Yasuda is a player of",)) for e in edits
+    ]
+    recs[0] = dataclasses.replace(recs[0], rephrase=("In which city was Danielle Darrieux born?",))
+    recs += [
+        dataclasses.replace(
+            edits[0],
+            id="e4",
+            prompt="Danielle Darrieux was born in",
+            target="Rome",
+            rephrase=("The birthplace of Danielle Darrieux is",),
+            locality_prompt="Danielle Darrieux died in",
+        )
+    ]
+    data = tmp_path / "edits.jsonl"
+    data.write_text("".join(json.dumps(dataclasses.asdict(r)) + "\n" for r in recs))
+    keyed = {"mean": {}, "residual": {"relation_key": "residual", "relation_dim": 32}}
+    settings = {k: tiny_keyed_config(5, **v) for k, v in keyed.items()}
+    qcfg = QualityConfig(
+        milestones=(len(recs),),
+        output=str(tmp_path / "results"),
+        work=str(tmp_path / "work"),
+        datasets={"tiny": DatasetSpec(path=str(data), format="jsonl")},
+        methods={k: MethodSpec(kind="wise", settings=v.model_dump(mode="json")) for k, v in settings.items()},
+        runs=[RunSpec(method="mean", dataset="tiny", max_t=len(recs))],
+    )
+    _, records = plan_run(qcfg, qcfg.runs[0])
+
+    def maker(key):
+        return lambda: KeyedEditor(copy.deepcopy(tiny_model), tiny_tokenizer, settings[key], pool)
+
+    own = maker("mean")()
+    own.apply(records)
+    work = tmp_path / "work" / "tiny" / "mean"
+    own.save(work / "state")
+    (work / "progress.json").write_text(json.dumps({"applied": len(records)}))
+    result = probe_records(own.model, own.routed, own.tokens, records, generate=True)  # whole names on
+    path = milestone_path(tmp_path / "results" / "quality" / "tiny" / "mean", len(records))
+    path.parent.mkdir(parents=True)
+    path.write_text(
+        json.dumps(
+            {
+                **metrics_row(result, records),
+                "per_edit": [
+                    {"generate_reliability": a, "generate_generalization": b}
+                    for a, b in zip(result["rel_hit"], result["gen_hit"], strict=True)
+                ],
+                "settings": settings["mean"].model_dump(mode="json"),
+            }
+        )
+    )
+    direct = maker("residual")()
+    direct.load_rekeyed(work / "state")
+    args = (direct.model, direct.routed, direct.tokens, records)
+    ungated = probe_records(*args, generate=True)
+    sims = sorted(q - 1.0 for q, r in zip(ungated["ratio"]["edit"], ungated["route"]["edit"]) if r >= 0)
+    gate = (sims[0] + sims[1]) / 2  # refuses the edit probe least like its edit, keeps the others
+    out = measure_run(qcfg, "mean/tiny", True, gate, maker("residual"), tmp_path / "work", maker("mean"))
+    assert out["rekeyed"] and out["ungated_vs_result"] == 0.0
+    # the keys route some probe apart: its free generation is measured, not taken from the result
+    assert (
+        result["route"]["rephrase"] != ungated["route"]["rephrase"] and out["free_generation_measured"] >= 1
+    )
+    assert [(r["whole_names"], r["gate"]) for r in out["rows"]] == [(True, None), (True, gate)]
+    direct.routed.min_similarity = gate
+    gated = probe_records(*args, generate=True)
+    for row, real in zip(out["rows"], (ungated, gated), strict=True):
+        want = metrics_row(real, records)
+        for mode in ("teacher_forced", "generate"):
+            assert row["metrics"][mode] == pytest.approx(want[mode], abs=1e-6), (row["gate"], mode)
+    assert metrics_row(gated, records)["teacher_forced"] != metrics_row(ungated, records)["teacher_forced"]

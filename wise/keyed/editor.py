@@ -21,7 +21,7 @@ from wise.config import WiseConfig
 from wise.keyed.bank import KeyedBank
 from wise.keyed.trainer import KeyedTrainer, normalize_prompt
 from wise.memory import Memory
-from wise.state import check_state, compose_state, read_state, write_state
+from wise.state import StateError, check_state, compose_state, read_state, write_state
 from wise.trainer import EditLike, EditOutcome
 
 logger = logging.getLogger(__name__)
@@ -177,6 +177,40 @@ class KeyedEditor:
         self.active = Memory.from_state(tensors, "active", meta["active"], dev, dtype)
         self.bank.load(tensors, meta, dev, dtype)
         self._sync_router()
+
+    def load_rekeyed(self, directory: str | Path) -> None:
+        """Restore a state written with other relation-key settings (``relation_key``, ``relation_dim``; the
+        routing-only ones may differ too): what its edits wrote is kept, and each edit's relation key is
+        computed again from its stored prompt and subject with this editor's settings and irrelevant pool,
+        exactly as editing with them would have stored it (the key is read by the router only).
+
+        Raises:
+            StateError: the state differs in another setting, or another module or shape.
+        """
+        from wise.config import KEYED_KEY_ONLY, KEYED_ROUTING_ONLY
+
+        tensors, meta = read_state(directory)
+        saved = type(self.cfg).model_validate(meta["config"])
+        mine = self.cfg.model_dump()
+        other = sorted(k for k, v in saved.model_dump().items() if k != "keyed" and mine[k] != v)
+        other += sorted(
+            f"keyed.{k}"
+            for k, v in saved.keyed.model_dump().items()
+            if mine["keyed"][k] != v and k not in KEYED_KEY_ONLY + KEYED_ROUTING_ONLY
+        )
+        if other:
+            raise StateError(f"cannot re-key a state written with other wise settings: {other}")
+        r = self.cfg.keyed.relation_dim
+        tensors = {
+            k: torch.zeros(v.shape[0], r, dtype=torch.float16) if k.endswith(".relkeys") else v
+            for k, v in tensors.items()
+        }
+        meta = {k: v for k, v in meta.items() if k != "center"}  # this pool's centre, under these settings
+        self.load_state_dict(tensors, {**meta, "config": self.cfg.model_dump(mode="json")})
+        for m in [*self.bank.memories(), self.active]:
+            m.relkeys = self.trainer.edit_keys(m.prompts, m.subjects)
+        self._sync_router()
+        logger.info("re-keyed %d edits (relation_key %s)", self.n_edits, self.cfg.keyed.relation_key)
 
     def save(self, directory: str | Path) -> Path:
         """Write the state atomically to ``directory`` (safetensors + JSON). Returns the directory."""

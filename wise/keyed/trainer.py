@@ -175,6 +175,10 @@ class KeyedTrainer:
         self.ensure_ready()
         assert self.center is not None
         state = {"templates": self.templates, "center": self.center.float().cpu().tolist()}
+        if (
+            self.cfg.keyed.relation_key == "residual"
+        ):  # what the projection reads: the serving snapshot needs it
+            state["key_width"] = int(self.projection.shape[0])
         if self.name_flags is not None:
             state["name_flags"] = encode_flags(self.name_flags)
         return state
@@ -186,10 +190,16 @@ class KeyedTrainer:
 
     # ------------------------------------------------------------------ keys
     @torch.no_grad()
-    def key_inputs(self, prompts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
-        """What the relation key of each prompt reads, the whole prompt counted (main memory only): the mean
-        input of the edited projection over its tokens (n, d_in), or with ``relation_key: residual`` the
-        edited block's input at its last token (n, width)."""
+    def key_inputs(
+        self,
+        prompts: Sequence[str],
+        batch_size: int = 16,
+        subjects: Sequence[Sequence[Sequence[int]]] | None = None,
+    ) -> torch.Tensor:
+        """What the relation key of each prompt reads (main memory only): the mean input of the edited
+        projection over its tokens (n, d_in), without the tokens of its subject when ``subjects`` gives each
+        prompt's subject variants (as an edit stores its key), or with ``relation_key: residual`` the edited
+        block's input at its last token (n, width)."""
         residual = self.cfg.keyed.relation_key == "residual"
         out: list[torch.Tensor] = []
         captured: dict[str, torch.Tensor] = {}
@@ -212,11 +222,24 @@ class KeyedTrainer:
                     h = self.routed.block_input
                     out.append(h[torch.arange(h.shape[0], device=h.device), last_positions(batch.span)])
                 else:
-                    span = batch.span.to(a.dtype).unsqueeze(-1)
+                    keep = batch.span.clone()
+                    for j, variants in enumerate(subjects[i : i + batch_size] if subjects else ()):
+                        pos = keep[j].nonzero().squeeze(1)
+                        drop = subject_positions(batch.input_ids[j, pos].tolist(), variants)
+                        if 0 < len(drop) < len(pos):  # a prompt that is all subject keeps its tokens
+                            keep[j, pos[drop]] = False
+                    span = keep.to(a.dtype).unsqueeze(-1)
                     out.append((a * span).sum(1) / span.sum(1).clamp(min=1.0))
         finally:
             hook.remove()
         return torch.cat(out).float() if out else torch.zeros(0, self.projection.shape[0], device=self.device)
+
+    def edit_keys(self, prompts: Sequence[str], subjects: Sequence[Sequence[Sequence[int]]]) -> torch.Tensor:
+        """The relation keys that edits of these prompts and subject variants store, computed from the
+        prompts alone (as :meth:`step` computes them while training): (n, r) float16 on the CPU."""
+        self.ensure_ready()
+        inputs = self.key_inputs(prompts, subjects=subjects)
+        return relation_vectors(inputs, self.projection, self.center).to(torch.float16).cpu()
 
     def subject_variants(self, edit: EditLike) -> list[list[int]]:
         """Token ids of the edit's subject mid-sentence (``" X"``) and at a prompt's start (``"X"``).
