@@ -236,16 +236,6 @@ class JobConfig(FrozenConfig):
     publish: PublishConfig = PublishConfig()
     max_edits: int | None = Field(None, ge=1, description="stop after this many applied edits")
 
-    @model_validator(mode="after")
-    def _served_keys(self) -> JobConfig:
-        from wise.publish import unserved_relation_key
-
-        if self.publish.replicas and self.wise.layout == "keyed":
-            refusal = unserved_relation_key(self.wise.keyed.relation_key)
-            if refusal:
-                raise ValueError(f"{refusal} (publish.replicas > 0)")
-        return self
-
     def report_path(self) -> Path:
         return Path(self.output.report) if self.output.report else Path(self.output.dir) / "report.json"
 

@@ -16,7 +16,9 @@ Routing follows :func:`wise.publish.keyed_flat` / :func:`wise.publish.route_flat
 sequences end to end; the forward context's ``query_start_loc`` gives the segments. A prefill routes on its whole
 prompt and stores the route under the request's first KV-cache block; its decode steps read it back
 (:class:`wise.publish.Hold`), so a generation keeps the route its prompt chose, as the evaluator measures it.
-The keyed router reads the token ids, which the model's ``forward`` hands to this module. Prefix caching and
+The keyed router reads the token ids, which the model's ``forward`` hands to this module, and, for a state keyed by
+the residual stream (``wise.keyed.relation_key: residual``), the edited decoder layer's input, which vLLM passes
+as ``hidden_states`` plus the ``residual`` it has not added yet (a hook on that layer keeps both). Prefix caching and
 chunked prefill must be off (the serving replica turns them off): both would split a prompt's route.
 """
 
@@ -86,6 +88,9 @@ class WiseRoutedProjection(nn.Module):
         self.min_similarity: float | None = None
         self.register_buffer("held", torch.full((self.HELD_SLOTS,), -1, dtype=torch.long), persistent=False)
         self.input_ids: torch.Tensor | None = None  # set by the model's forward (the keyed router reads them)
+        self.relation_key = "mean"  # keyed: what the published relation keys read (wise.keyed.relation_key)
+        # the edited decoder layer's (hidden_states, residual) of this forward, kept by _install_routed's hook
+        self.block_parts: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.count = 0  # live memories: the first `count` slots
         self.version = 0  # the published version this module serves (0: none, main memory only)
         self.ids: list[str] = []
@@ -122,14 +127,32 @@ class WiseRoutedProjection(nn.Module):
             if self.input_ids is None:
                 return out, None
             ids = self.input_ids[: x.shape[0]]
+            last = self._last_block_inputs(starts) if self.relation_key == "residual" else None
             extra = keyed_flat(
-                x, ids, starts, self.routing_table, self.max_len, self.table_t, self.min_similarity, hold
+                x,
+                ids,
+                starts,
+                self.routing_table,
+                self.max_len,
+                self.table_t,
+                self.min_similarity,
+                hold,
+                last,
             )
         else:
             extra = route_flat(
                 x, self.deltas[: self.count], self.thresholds[: self.count], starts, self.reduce, hold
             )
         return out + extra.to(out.dtype), None
+
+    def _last_block_inputs(self, starts: torch.Tensor) -> torch.Tensor:
+        """(R, h) the edited block's input (the residual stream) at each segment's last token."""
+        if self.block_parts is None:
+            raise RuntimeError("residual relation keys need the edited decoder layer's input (no hook ran)")
+        hidden, residual = self.block_parts
+        last = (starts[1:].to(hidden.device, torch.long) - 1).clamp(min=0)
+        h = hidden[last].float()
+        return h if residual is None else h + residual[last].float()
 
     @torch.no_grad()
     def install_keyed(
@@ -140,9 +163,11 @@ class WiseRoutedProjection(nn.Module):
         max_len: int,
         min_similarity: float | None,
         version: int,
+        relation_key: str = "mean",
     ) -> None:
         """Make ``ids`` the live blocks (held ones reused, ``new`` ones copied in) with the routing table
-        ``routing``. Raises ``KeyError`` for an id neither held nor sent."""
+        ``routing``, whose relation keys read ``relation_key``. Raises ``KeyError`` for an id neither held nor
+        sent."""
         d_in = self.weight.shape[1]
         held = {mid: i for i, mid in enumerate(self.ids)}
         missing = [m for m in ids if m not in held and m not in new]
@@ -176,6 +201,7 @@ class WiseRoutedProjection(nn.Module):
             table["values"] = routing["values"].to(dev, self.table_t.dtype)
         self.table_t = torch.cat(parts).contiguous() if parts else self.table_t[:0]
         self.routing_table, self.max_len, self.min_similarity = table, int(max_len), min_similarity
+        self.relation_key = relation_key
         self.count, self.ids, self.version = len(ids), list(ids), int(version)
 
     @torch.no_grad()
@@ -230,6 +256,13 @@ def _install_routed(model: nn.Module, config) -> WiseRoutedProjection:
         layout=getattr(config, "wise_layout", "shards"),
     )
     setattr(parent, leaf, routed)
+
+    def keep_block_input(_module, args, kwargs) -> None:
+        # LlamaDecoderLayer.forward(positions, hidden_states, residual): the layer's input is their sum
+        parts = [*args[1:3], *(kwargs.get(k) for k in ("hidden_states", "residual") if k in kwargs)]
+        routed.block_parts = (parts[0], parts[1] if len(parts) > 1 else None)
+
+    model.get_submodule(f"model.layers.{layer}").register_forward_pre_hook(keep_block_input, with_kwargs=True)
     logger.info("WISE routing installed at model.layers.%d.%s (%d x %d)", layer, module, out_f, in_f)
     return routed
 

@@ -52,6 +52,7 @@ class WiseWorkerExtension:
                         header["max_len"],
                         header["min_similarity"],
                         header["version"],
+                        header["relation_key"],
                     )
                 else:
                     mod.install(header["ids"], tensors["thresholds"], new, header["version"])

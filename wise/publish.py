@@ -21,10 +21,12 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from wise.config import KeyedConfig
 from wise.memory import Memory
 
 PACKAGE_FORMAT = 1
 REDUCTIONS = ("mean", "max", "last")
+RELATION_KEYS = ("mean", "residual")
 
 
 class PublishError(ValueError):
@@ -57,6 +59,8 @@ class ServingSnapshot:
         layout: ``shards`` or ``keyed``.
         routing: keyed layout: the routing table (:func:`keyed_routing`), sent whole with every publish.
         max_len / min_similarity: keyed layout: the longest subject in tokens, and the relation gate.
+        relation_key: keyed layout: what a query's relation key reads (``wise.keyed.relation_key``): ``mean``,
+            the edited projection's input; ``residual``, the edited block's input at the prompt's last token.
     """
 
     module_path: str
@@ -70,6 +74,7 @@ class ServingSnapshot:
     routing: dict[str, torch.Tensor] = field(default_factory=dict)
     max_len: int = 1
     min_similarity: float | None = None
+    relation_key: str = "mean"
 
     @classmethod
     def from_memories(cls, module_path: str, reduce: str, memories: Iterable[Memory]) -> ServingSnapshot:
@@ -96,10 +101,12 @@ class ServingSnapshot:
         center: torch.Tensor | None,
         min_similarity: float | None = None,
         name_flags: torch.Tensor | None = None,
+        relation_key: str = "mean",
     ) -> ServingSnapshot:
         """A keyed-layout snapshot: the blocks (and pending shards) plus the routing table of their live edits
         (an edit whose prompt a later edit repeats is left out); ``name_flags``: the whole-name rule's
-        vocabulary flags (:mod:`wise.keyed.names`), None when it is off."""
+        vocabulary flags (:mod:`wise.keyed.names`), None when it is off; ``relation_key``: what the
+        ``projection`` reads (the edited projection's input, or the edited block's with ``residual``)."""
         from wise.keyed.editor import live_memories
 
         mems = [m for m in live_memories(list(memories)) if m.edit_ids]
@@ -120,6 +127,7 @@ class ServingSnapshot:
             routing=routing,
             max_len=max_len,
             min_similarity=min_similarity,
+            relation_key=relation_key,
         )
 
     @classmethod
@@ -148,30 +156,19 @@ def state_memories(tensors: dict[str, torch.Tensor], meta: dict) -> list[Memory]
     return mems
 
 
-def unserved_relation_key(relation_key: str) -> str | None:
-    """Why the vLLM replicas cannot serve edits keyed by ``relation_key`` (``wise.keyed.relation_key``), or None
-    when they can: they read the edited projection's input only, not the edited block's (``residual``)."""
-    if relation_key == "mean":
-        return None
-    return (
-        f"wise.keyed.relation_key {relation_key!r} is not served by the vLLM replicas (they read the edited "
-        "projection's input only); publish edits made with relation_key: mean"
-    )
-
-
 def snapshot_of(config: dict, module_path: str, memories: list[Memory], setup: dict) -> ServingSnapshot:
     """The snapshot of ``memories`` for the layout ``config`` (a dumped :class:`~wise.config.WiseConfig`),
     ``setup`` holding the keyed layout's relation ``center`` and ``name_flags`` (what the trainers share)."""
     if config.get("layout", "shards") == "keyed":
-        from wise.keyed.trainer import relation_projection
-
-        refusal = unserved_relation_key(config["keyed"].get("relation_key", "mean"))
-        if refusal:
-            raise PublishError(refusal)
-
-        d_in = memories[0].delta.shape[1] if memories else 0
-        proj = relation_projection(d_in, config["keyed"]["relation_dim"], config["seed"])
         from wise.keyed.names import decode_flags
+        from wise.keyed.trainer import key_projection
+
+        keyed = KeyedConfig.model_validate(config["keyed"])
+        d_in = memories[0].delta.shape[1] if memories else 0
+        width = setup.get("key_width", 0)
+        if keyed.relation_key == "residual" and not width:
+            raise PublishError("a residual-keyed state without its key_width: save it again to publish it")
+        proj = key_projection(keyed, config["seed"], d_in, width)
 
         center, flags = setup.get("center"), setup.get("name_flags")
         return ServingSnapshot.keyed(
@@ -181,6 +178,7 @@ def snapshot_of(config: dict, module_path: str, memories: list[Memory], setup: d
             None if center is None else torch.tensor(center, dtype=torch.float32),
             config["keyed"].get("min_similarity"),
             None if flags is None or not config["keyed"].get("whole_names", True) else decode_flags(flags),
+            keyed.relation_key,
         )
     return ServingSnapshot.from_memories(module_path, config["router_reduce"], memories)
 
@@ -235,6 +233,7 @@ def encode_package(snapshot: ServingSnapshot, version: int, held: Iterable[str] 
         "n_edits": snapshot.n_edits,
         "max_len": snapshot.max_len,
         "min_similarity": snapshot.min_similarity,
+        "relation_key": snapshot.relation_key,
     }
     return st_save(tensors, metadata={"wise": json.dumps(header)})
 
@@ -260,6 +259,10 @@ def decode_package(data: bytes) -> tuple[dict, dict[str, torch.Tensor]]:
     if tensors["thresholds"].shape != (len(header["ids"]),):
         raise PublishError(
             f"{len(header['ids'])} memories but thresholds {tuple(tensors['thresholds'].shape)}"
+        )
+    if header.setdefault("relation_key", "mean") not in RELATION_KEYS:
+        raise PublishError(
+            f"unknown relation key {header['relation_key']!r}; choose one of {list(RELATION_KEYS)}"
         )
     if header["layout"] == "keyed":
         missing = [k for k in KEYED_TABLE if f"routing.{k}" not in tensors]
@@ -317,6 +320,7 @@ def keyed_flat(
     table_t: torch.Tensor,
     min_similarity: float | None = None,
     hold: Hold | None = None,
+    last_inputs: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The keyed layout's contribution for a flattened batch (vLLM's layout): each segment routes on its
     tokens by subject (:func:`wise.keyed.table.route`), decode segments keep their prefill's route (``hold``).
@@ -331,6 +335,8 @@ def keyed_flat(
         table_t: (K * d_in, d_out) the memories transposed and stacked.
         min_similarity: the relation gate (None: off).
         hold: keep decode segments on their prefill's route (None: route every segment on its own tokens).
+        last_inputs: (R, h) the edited block's input at each segment's last token, for a table keyed by it
+            (``relation_key: residual``; None: the relation key reads ``x``).
 
     Returns:
         (N, d_out) to add to the main memory's output.
@@ -354,6 +360,9 @@ def keyed_flat(
         table["center"],
         min_similarity,
         table.get("name_flags"),
+        None
+        if last_inputs is None
+        else torch.cat([last_inputs, last_inputs.new_zeros(1, last_inputs.shape[1])]),
     )
     choice = res.choice[:r]
     if hold is not None:
@@ -381,6 +390,8 @@ def route_flat(
             sequence.
         reduce: per-token activations to a sequence score: ``mean``, ``max`` or ``last``.
         hold: keep decode segments on their prefill's route (None: route every segment on its own tokens).
+        last_inputs: (R, h) the edited block's input at each segment's last token, for a table keyed by it
+            (``relation_key: residual``; None: the relation key reads ``x``).
 
     Returns:
         (N, d_out) to add to the main memory's output: ``Delta_k x_t`` for the tokens of sequences whose best
@@ -427,5 +438,4 @@ __all__ = [
     "route_flat",
     "snapshot_of",
     "state_memories",
-    "unserved_relation_key",
 ]

@@ -65,11 +65,6 @@ def test_a_key_of_the_other_layout_is_an_error_naming_it():
         ({}, ["nonsense"], r"must look like key\.sub=value"),
         ({"wise": 3}, ["wise.layer=2"], r"wise is a value"),
         ({}, ["wise.keyed.relation_key=last"], r"wise\.keyed\.relation_key: .*'mean' or 'residual'"),
-        (
-            {},
-            ["wise.keyed.relation_key=residual", "publish.replicas=1"],
-            r"relation_key 'residual' is not served by the vLLM replicas",
-        ),
     ],
 )
 def test_bad_config_errors_name_the_key(data, overrides, message):

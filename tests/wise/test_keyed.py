@@ -339,15 +339,7 @@ def test_flat_held_route_equals_the_hf_router_over_prefill_and_decode(
     snap = ServingSnapshot.from_state(*ed.state_dict())
     header, tensors = decode_package(encode_package(snap, 1))
     assert ("routing.values" in tensors) == with_values
-    table = {k.removeprefix("routing."): v for k, v in tensors.items() if k.startswith("routing.")}
-    table = {
-        **table,
-        "columns": table["columns"].long(),
-        "memory_of": table["memory_of"].long(),
-        "subject_groups": table["subject_groups"].long(),
-        "relkeys": table["relkeys"].float(),
-        "projection": table["projection"].float(),
-    }
+    table = _flat_table(tensors)
     table_t = torch.cat([tensors[f"delta.{mid}"].T for mid in header["ids"]])
     prompts = [edits[0].prompt, "Where is the Eiffel Tower?", edits[2].prompt]
     routed, tokens = ed.routed, ed.tokens
@@ -461,3 +453,114 @@ def test_keyed_packages_are_checked(bad, tiny_model, tiny_tokenizer, edits, pool
         snap = dataclasses.replace(snap, routing={k: v for k, v in snap.routing.items() if k != "relkeys"})
         with pytest.raises(PublishError, match="without its routing table"):
             decode_package(encode_package(snap, 1))
+
+
+@pytest.mark.parametrize(("source", "target"), [("mean", "residual"), ("residual", "mean")])
+def test_a_rekeyed_state_holds_the_keys_that_editing_with_the_other_key_stores(
+    tiny_model, tiny_tokenizer, edits, pool, tmp_path, source, target
+):
+    from helpers import tiny_keyed_config
+
+    from wise.state import StateError
+
+    dims = {"mean": {}, "residual": {"relation_dim": 32}}  # residual kept whole: the tiny model's width
+    models = [copy.deepcopy(tiny_model) for _ in range(3)]
+    src = KeyedEditor(
+        tiny_model, tiny_tokenizer, tiny_keyed_config(5, relation_key=source, **dims[source]), pool
+    )
+    src.apply(edits)
+    src.save(tmp_path / "state")
+    cfg = tiny_keyed_config(5, relation_key=target, **dims[target])
+    direct = KeyedEditor(models[0], tiny_tokenizer, cfg, pool)
+    direct.apply(edits)
+    rekeyed = KeyedEditor(models[1], tiny_tokenizer, cfg, pool)
+    rekeyed.load_rekeyed(tmp_path / "state")
+    assert rekeyed.n_edits == len(edits)
+    mems = list(zip(rekeyed.routable(), direct.routable(), src.routable(), strict=True))
+    for a, b, s in mems:
+        assert a.edit_ids == b.edit_ids == s.edit_ids
+        # the key does not change what an edit writes; re-keying keeps what it wrote
+        assert torch.equal(a.delta, s.delta) and torch.allclose(b.delta, s.delta)
+        assert a.relkeys.shape == b.relkeys.shape and a.relkeys.shape != s.relkeys.shape
+        assert torch.allclose(a.relkeys.float(), b.relkeys.float(), atol=2e-3)
+    assert torch.allclose(rekeyed.trainer.center.float(), direct.trainer.center.float(), atol=1e-4)
+    other = KeyedEditor(models[2], tiny_tokenizer, tiny_keyed_config(5, columns=8), pool)
+    with pytest.raises(StateError, match=r"keyed\.columns"):
+        other.load_rekeyed(tmp_path / "state")
+
+
+def test_flat_route_with_residual_keys_equals_the_hf_router(tiny_model, tiny_tokenizer, edits, pool):
+    """A state keyed by the residual stream in vLLM's layout: the relation key reads the edited block's input at
+    each prompt's last token (what the serving module rebuilds from vLLM's ``hidden_states`` and its deferred
+    ``residual``), and every prompt gets what KeyedLinear adds, the choice between two relations of one subject
+    included."""
+    from helpers import tiny_keyed_config
+
+    from serving.vllm_model import WiseRoutedProjection
+
+    ed = KeyedEditor(
+        tiny_model, tiny_tokenizer, tiny_keyed_config(5, relation_key="residual", relation_dim=32), pool
+    )
+    born = dataclasses.replace(edits[0], id="e4", prompt="Danielle Darrieux was born in", target="Rome")
+    ed.apply([*edits, born])
+    snap = ServingSnapshot.from_state(*ed.state_dict())
+    header, tensors = decode_package(encode_package(snap, 1))
+    assert header["relation_key"] == "residual"
+    table = _flat_table(tensors)
+    table_t = torch.cat([tensors[f"delta.{mid}"].T for mid in header["ids"]])
+    prompts = ["In which city was Danielle Darrieux born?", edits[0].prompt, born.prompt, edits[2].prompt]
+    routed, tokens = ed.routed, ed.tokens
+    captured = {}
+    hooks = [
+        routed.register_forward_pre_hook(lambda _m, args: captured.__setitem__("a", args[0])),
+        ed.layout.block.register_forward_pre_hook(
+            lambda _m, args, kw: captured.__setitem__(
+                "h", kw.get("hidden_states", args[0] if args else None)
+            ),
+            with_kwargs=True,
+        ),
+    ]
+    try:
+        xs, hs, want = [], [], []
+        for p in prompts:
+            ids = torch.tensor([tokens.prompt(p)])
+            span = torch.ones_like(ids, dtype=torch.bool)
+            with torch.no_grad(), routed.hold_route(), routed.query_span(span):
+                ed.model(input_ids=ids, use_cache=False)
+                a = captured["a"][0]
+                xs.append(a)
+                hs.append(captured["h"][0])
+                with routed.main_only():
+                    main = a @ routed.weight.T
+                want.append(routed(a.unsqueeze(0))[0] - main)  # the prompt's route, held
+    finally:
+        for h in hooks:
+            h.remove()
+    choices = routed_choices(ed, prompts)
+    ids_of = [e for m in live_memories(ed.routable()) for e in m.edit_ids]
+    assert {ids_of[c] for c in choices[:3]} == {"e0", "e4"}  # the key chose between the subject's two edits
+    lens = [x.shape[0] for x in xs]
+    starts = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    flat_ids = torch.cat([torch.tensor(tokens.prompt(p)) for p in prompts])
+    # vLLM hands the layer hidden_states and the residual it has not added yet: the module adds them back
+    h = torch.cat(hs)
+    deferred = torch.randn_like(h)
+    mod = WiseRoutedProjection(routed.d_in, routed.d_out, torch.float32, "attn", layout="keyed")
+    mod.block_parts = (h - deferred, deferred)
+    last = mod._last_block_inputs(starts)
+    torch.testing.assert_close(last, h[starts[1:] - 1], atol=1e-5, rtol=1e-5)
+    got = keyed_flat(torch.cat(xs), flat_ids, starts, table, header["max_len"], table_t, None, None, last)
+    torch.testing.assert_close(got, torch.cat(want), atol=1e-4, rtol=1e-4)
+
+
+def _flat_table(tensors):
+    """The routing table of a decoded package as the serving module installs it."""
+    table = {k.removeprefix("routing."): v for k, v in tensors.items() if k.startswith("routing.")}
+    return {
+        **table,
+        "columns": table["columns"].long(),
+        "memory_of": table["memory_of"].long(),
+        "subject_groups": table["subject_groups"].long(),
+        "relkeys": table["relkeys"].float(),
+        "projection": table["projection"].float(),
+    }

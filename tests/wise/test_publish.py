@@ -4,6 +4,8 @@ route_flat (vLLM's flattened layout, segments from query_start_loc) must give ex
 the same sequences batched the HF way, for prefill segments and for one-token decode segments.
 """
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -104,10 +106,14 @@ def test_snapshot_without_edits_and_bad_packages_are_refused():
         decode_package(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
 
 
-def test_a_state_with_residual_relation_keys_is_not_published():
+def test_residual_keyed_states_need_their_key_width_and_packages_a_known_relation_key():
     from wise.config import WiseConfig
 
     cfg = WiseConfig.model_validate({"keyed": {"relation_key": "residual"}}).model_dump()
     mem = Memory(torch.zeros(4, 4), shard_ids=[0], edit_ids=["e0"])
-    with pytest.raises(PublishError, match="relation_key 'residual' is not served by the vLLM replicas"):
+    with pytest.raises(PublishError, match="residual-keyed state without its key_width"):
         snapshot_of(cfg, "model.layers.2.mlp.down_proj", [mem], {})
+    snap = ServingSnapshot.from_memories("m", "mean", [Memory(torch.zeros(2, 2), edit_ids=["e0"])])
+    package = encode_package(dataclasses.replace(snap, relation_key="final"), 1)
+    with pytest.raises(PublishError, match="unknown relation key 'final'; choose one of"):
+        decode_package(package)
