@@ -104,17 +104,52 @@ def within(row: dict[str, Any], base: dict[str, Any], tolerance: float) -> bool:
 def gate_probes(post: dict, pre: dict, gate: float | None) -> dict:
     """The probes as they come out with the relation gate at ``gate`` (None: off), from the same records'
     ungated probes ``post`` and pre-edit probes ``pre`` (both as :func:`wise.evaluate.probe_records` gives
-    them; ``post``'s ratio is 1 + the routed relation similarity, 0 for the main memory)."""
+    them; ``post``'s ratio is 1 + the routed relation similarity, 0 for the main memory). A probe that ``post``
+    sends to the main memory already has its pre-edit outcome there: ``pre`` is read only for the probes the gate
+    refuses (:func:`refused`)."""
     out = {k: v for k, v in post.items() if k not in ("route", "ratio")}
     out["route"], out["ratio"] = {}, {}
     for key, kind, hit in KINDS:
         route, ratio = post["route"][kind], post["ratio"][kind]
-        keep = [r >= 0 and (gate is None or q - 1.0 >= gate) for r, q in zip(route, ratio, strict=True)]
-        out[key] = [a if k else b for a, b, k in zip(post[key], pre[key], keep, strict=True)]
-        out["route"][kind] = [r if k else -1 for r, k in zip(route, keep, strict=True)]
-        out["ratio"][kind] = [q if k else 0.0 for q, k in zip(ratio, keep, strict=True)]
+        cut = refused(route, ratio, gate)
+        out[key] = [b if c else a for a, b, c in zip(post[key], pre[key], cut, strict=True)]
+        out["route"][kind] = [-1 if c else r for r, c in zip(route, cut, strict=True)]
+        out["ratio"][kind] = [0.0 if c or r < 0 else q for r, q, c in zip(route, ratio, cut, strict=True)]
         if hit and hit in post:
-            out[hit] = [a if k else b for a, b, k in zip(post[hit], pre[hit], keep, strict=True)]
+            out[hit] = [b if c else a for a, b, c in zip(post[hit], pre[hit], cut, strict=True)]
+    return out
+
+
+def refused(route: Sequence[int], ratio: Sequence[float], gate: float | None) -> list[bool]:
+    """Per probe, whether the gate refuses the edit it was routed to (its relation similarity, ratio - 1, is
+    below the gate)."""
+    return [gate is not None and r >= 0 and q - 1.0 < gate for r, q in zip(route, ratio, strict=True)]
+
+
+def probe_slots(probes: dict, key: str) -> list[tuple[int, int]]:
+    """(record, how many earlier probes of the same record) per probe of ``key``: a probe's place whatever
+    slice of records it was measured in."""
+    seen: Counter[int] = Counter()
+    out = []
+    for o in probes.get(f"{key}_owner", range(probes["records"])):
+        out.append((o, seen[o]))
+        seen[o] += 1
+    return out
+
+
+def pre_for(shape: dict, sub: dict, wanted: Sequence[int]) -> dict:
+    """Pre-edit probes shaped as ``shape`` (probes of all records) holding ``sub``'s outcomes, measured on the
+    records ``wanted`` (sorted) only, at those records' probes and NaN elsewhere (never read: see
+    :func:`gate_probes` and :func:`derive_free`)."""
+    local = {o: j for j, o in enumerate(wanted)}
+    out: dict = {"records": shape["records"]}
+    for key, _kind, hit in KINDS:
+        where = {place: j for j, place in enumerate(probe_slots(sub, key))}
+        index = [where.get((local[o], n)) if o in local else None for o, n in probe_slots(shape, key)]
+        for name in (key, hit):
+            if name and name in shape:
+                have = name in sub
+                out[name] = [sub[name][j] if have and j is not None else float("nan") for j in index]
     return out
 
 
@@ -256,23 +291,14 @@ def derive_free(on: dict, off: dict, pre: dict, measure) -> int:
     if not todo:
         return 0
 
-    def slots(probes: dict, key: str) -> list[tuple[int, int]]:
-        """(record, how many earlier probes of the same record) per probe: a probe's place across slices."""
-        seen: Counter[int] = Counter()
-        out = []
-        for o in probes.get(f"{key}_owner", range(probes["records"])):
-            out.append((o, seen[o]))
-            seen[o] += 1
-        return out
-
-    places = {key: slots(on, key) for key in todo}
+    places = {key: probe_slots(on, key) for key in todo}
     wanted = sorted({places[key][i][0] for key, idx in todo.items() for i in idx})
     sub = measure(wanted)
     local = {o: j for j, o in enumerate(wanted)}
     for key, _kind, hit in KINDS[:2]:
         if key not in todo:
             continue
-        where = {place: j for j, place in enumerate(slots(sub, key))}
+        where = {place: j for j, place in enumerate(probe_slots(sub, key))}
         for i in todo[key]:
             o, ordinal = places[key][i]
             on[hit][i] = sub[hit][where[(local[o], ordinal)]]
@@ -296,8 +322,8 @@ def measure_run(
     ``make`` builds the editor of the gate's method. When ``make_own`` is given it builds the editor of the
     run's own method, whose settings differ from the gate's in the relation key only: the run's state is then
     re-keyed (:meth:`~wise.keyed.editor.KeyedEditor.load_rekeyed`: the same edits, the keys the gate's method
-    stores) and measured with the whole-name setting chosen only, ungated and gated; its own probes under the
-    result's routing carry the result's free-generation outcomes.
+    stores) and measured with the whole-name setting chosen only, ungated and gated, after a row of the run as
+    its result routed it (its own keys); those probes carry the result's free-generation outcomes.
 
     Raises:
         ConfigError: unknown run, no state, or no milestone result for its state.
@@ -364,8 +390,32 @@ def measure_run(
         posts = {on: carrier if on == result_names else probes(editor, on) for on in (False, True)}
         settings = [(False, None), (True, None)]
     args = (editor.model, editor.routed, editor.tokens, own)
-    pre_cache = pre_probes_dir(work, run.dataset, qcfg.model)
-    pre = cached_probes(*args, cache=pre_cache, main_only=True, generate=qcfg.generate, progress=True)
+    # the pre-edit model's outcomes are read for the probes the gate refuses and, for free generation, those
+    # that a setting sends to the main memory while the result routed them: measured for those records only
+    wanted: set[int] = set()
+    for post in posts.values():
+        for key, kind, _hit in KINDS:
+            owners = probe_slots(post, key)
+            cut = refused(post["route"][kind], post["ratio"][kind], gate)
+            routed_then = carrier["route"][kind]
+            for (o, _), c, r, then in zip(owners, cut, post["route"][kind], routed_then, strict=True):
+                if c or r < 0 <= then:
+                    wanted.add(o)
+    need = sorted(wanted)
+    logger.info("pre-edit probes of %d of %d records", len(need), len(own))
+    sub = (
+        cached_probes(
+            *args[:3],
+            [own[i] for i in need],
+            cache=pre_probes_dir(work, run.dataset, qcfg.model),
+            main_only=True,
+            generate=qcfg.generate,
+            progress=True,
+        )
+        if need
+        else {"records": 0}
+    )
+    pre = pre_for(carrier, sub, need)
     measured = 0
     if qcfg.generate:
         for on, post in posts.items():
@@ -378,18 +428,35 @@ def measure_run(
 
             measured += derive_free(post, carrier, pre, measure)
     settings += [(names, gate)] if gate is not None else []
+    rekeyed = make_own is not None
     rows = [
-        {"whole_names": on, "gate": g, "metrics": metrics_row(gate_probes(posts[on], pre, g), own)}
+        {
+            "whole_names": on,
+            "gate": g,
+            "rekeyed": rekeyed,
+            "metrics": metrics_row(gate_probes(posts[on], pre, g), own),
+        }
         for on, g in settings
     ]
-    return {
+    if rekeyed:  # the run as it was keyed and routed, beside it
+        own_row = {"whole_names": result_names, "gate": None, "rekeyed": False}
+        rows.insert(0, {**own_row, "metrics": metrics_row(carrier, own)})
+    out = {
         "T": len(own),
         "result": str(result_path),
-        "rekeyed": make_own is not None,
+        "rekeyed": rekeyed,
         "ungated_vs_result": check,
         "free_generation_measured": measured,
         "rows": rows,
     }
+    if rekeyed:  # what the re-keyed state costs (the run's result gives its own state's cost)
+        from bench.quality import model_bytes, serving_cost
+        from orchestrator.report import memory_cost
+
+        editor.routed.min_similarity = gate
+        out["memory"] = memory_cost(*editor.state_dict(), model_bytes(editor.model))
+        out["serving"] = serving_cost(editor, own)
+    return out
 
 
 def gate_benchmark(qcfg: QualityConfig, spec: GateSpec, out: Path, command: str) -> dict[str, Any]:
@@ -403,6 +470,10 @@ def gate_benchmark(qcfg: QualityConfig, spec: GateSpec, out: Path, command: str)
 
     def factory(method: str, where: str):
         settings, pool = keyed_method(qcfg, method, where)
+        # the benchmark measures every gate from the ungated router (a method's own gate is one of them)
+        settings = settings.model_copy(
+            update={"keyed": settings.keyed.model_copy(update={"min_similarity": None})}
+        )
 
         def make():
             model, tokenizer = load_model(job_cfg)
@@ -432,6 +503,9 @@ __all__ = [
     "gate_benchmark",
     "gate_probes",
     "load_gate_config",
+    "pre_for",
+    "probe_slots",
+    "refused",
     "routing_tag",
     "within",
 ]

@@ -108,14 +108,24 @@ def gate_section(
             for row in test["rows"]:
                 m = row["metrics"]
                 cells = _cells(m, _TF, "teacher_forced") + _cells(m, _FREE, "generate")
+                run = f"{name} (re-keyed)" if row.get("rekeyed") else name
                 lines.append(
-                    f"| {name} | {test['T']} | {_names(row.get('whole_names'))} | {_gate(row['gate'])} | "
+                    f"| {run} | {test['T']} | {_names(row.get('whole_names'))} | {_gate(row['gate'])} | "
                     + " | ".join(
                         cells
                         + [_mean3(m), _routed(m, "locality"), _clean(m), _clean(m, "locality_unedited_facts")]
                     )
                     + " |"
                 )
+        for name, test in result["test"].items():
+            mem, srv = test.get("memory"), test.get("serving")
+            if mem and srv:
+                lines += [
+                    "",
+                    f"{name} re-keyed costs {mem['bytes_per_edit'] / 1024:.1f} KiB per edit, "
+                    f"{mem['percent_of_model']:.2f}% of the model; its routed forward takes "
+                    f"{1 + srv['prefill']:.2f}x / {1 + srv['decode']:.2f}x the unedited one (prefill / decode).",
+                ]
         conflicts = ", ".join(
             f"{n} {t['rows'][0]['metrics'].get('conflicts', {}).get('probes', MISSING)} of {t['T']}"
             for n, t in result["test"].items()
@@ -126,13 +136,23 @@ def gate_section(
         )
         checks = ", ".join(f"{n} {t['ungated_vs_result']:.1e}" for n, t in result["test"].items())
         measured = ", ".join(f"{n} {t.get('free_generation_measured', 0)}" for n, t in result["test"].items())
+        rekeyed = [n for n, t in result["test"].items() if t.get("rekeyed")]
         lines += [
             "",
-            "Both rules off, remeasured here against the run's milestone result (largest absolute difference of "
-            f"a teacher-forced metric): {checks}. Free-generation outcomes with whole names on are the "
-            "milestone's where the rule leaves a probe's route alone and the pre-edit model's where it sends the "
-            f"probe to the main memory; probes routed to another edit instead are measured ({measured}). "
-            "*Loc, no conflict*: locality over the probes whose prompt is not itself an edit prompt of the run; "
+            "Each run's state routed as its milestone result routed it, remeasured here against that result "
+            f"(largest absolute difference of a teacher-forced metric): {checks}. Free-generation outcomes under "
+            "another setting are the milestone's where a probe goes to the same edit as in the result and the "
+            "pre-edit model's where the setting sends it to the main memory; probes routed to another edit are "
+            f"measured ({measured}). "
+            + (
+                f"*Re-keyed* ({', '.join(rekeyed)}): the run's state with this benchmark's relation key, each "
+                "edit's key computed again from the prompt and subject the state stores (the same edits: the "
+                "key changes no weight an edit writes; `KeyedEditor.load_rekeyed`, tested equal to editing with "
+                "that key). "
+                if rekeyed
+                else ""
+            )
+            + "*Loc, no conflict*: locality over the probes whose prompt is not itself an edit prompt of the run; "
             "the others ask the model to keep an answer that the stream changed on purpose "
             f"({conflicts} locality probes). *Loc, facts not edited* also leaves out the probes that name the "
             "subject of an edit of the run and expect that edit's pre-edit answer: they ask a fact the stream "

@@ -321,19 +321,47 @@ def test_a_run_rekeyed_measures_as_an_evaluation_of_its_rekeyed_state(
     direct.load_rekeyed(work / "state")
     args = (direct.model, direct.routed, direct.tokens, records)
     ungated = probe_records(*args, generate=True)
-    sims = sorted(q - 1.0 for q, r in zip(ungated["ratio"]["edit"], ungated["route"]["edit"]) if r >= 0)
+    edit_probes = zip(ungated["ratio"]["edit"], ungated["route"]["edit"], strict=True)
+    sims = sorted(q - 1.0 for q, r in edit_probes if r >= 0)
     gate = (sims[0] + sims[1]) / 2  # refuses the edit probe least like its edit, keeps the others
     out = measure_run(qcfg, "mean/tiny", True, gate, maker("residual"), tmp_path / "work", maker("mean"))
     assert out["rekeyed"] and out["ungated_vs_result"] == 0.0
+    # the re-keyed state's cost: the residual key is the model's width (32 fp16 numbers) per edit
+    assert out["memory"]["bytes_per_edit"] > 32 * 2 and out["serving"]["prefill_seconds"] > 0
     # the keys route some probe apart: its free generation is measured, not taken from the result
     assert (
         result["route"]["rephrase"] != ungated["route"]["rephrase"] and out["free_generation_measured"] >= 1
     )
-    assert [(r["whole_names"], r["gate"]) for r in out["rows"]] == [(True, None), (True, gate)]
+    assert [(r["whole_names"], r["gate"], r["rekeyed"]) for r in out["rows"]] == [
+        (True, None, False),
+        (True, None, True),
+        (True, gate, True),
+    ]
     direct.routed.min_similarity = gate
     gated = probe_records(*args, generate=True)
-    for row, real in zip(out["rows"], (ungated, gated), strict=True):
+    for row, real in zip(out["rows"], (result, ungated, gated), strict=True):
         want = metrics_row(real, records)
         for mode in ("teacher_forced", "generate"):
             assert row["metrics"][mode] == pytest.approx(want[mode], abs=1e-6), (row["gate"], mode)
     assert metrics_row(gated, records)["teacher_forced"] != metrics_row(ungated, records)["teacher_forced"]
+
+
+def test_pre_edit_probes_of_some_records_land_at_those_records_probes(
+    tiny_model, tiny_tokenizer, edits, pool
+):
+    import math
+
+    from bench.gate import pre_for
+
+    ed = KeyedEditor(tiny_model, tiny_tokenizer, tiny_keyed_config(), irrelevant=pool)
+    args = (ed.model, ed.routed, ed.tokens)
+    full = probe_records(*args, edits, main_only=True, generate=True)
+    wanted = [1, 3]
+    got = pre_for(
+        full, probe_records(*args, [edits[i] for i in wanted], main_only=True, generate=True), wanted
+    )
+    for key in ("rel", "gen", "loc", "rel_hit", "gen_hit"):
+        owners = full.get(f"{key.split('_')[0]}_owner", range(full["records"]))
+        assert len(got[key]) == len(full[key]) > 0, key
+        for o, a, b in zip(owners, got[key], full[key], strict=True):
+            assert (a == b) if o in wanted else math.isnan(a), (key, o)
