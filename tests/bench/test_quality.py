@@ -259,10 +259,16 @@ def test_shipped_benchmark_config_is_valid():
     assert all(t >= 100 for t in runs.values()) and len(runs) == 12
     assert method_settings(cfg.methods["wise-merge"]).retrieve is False
     assert method_settings(cfg.methods["keyed"]).layout == "keyed"
-    # keyed-values is the default job's editor; keyed the same with columns only
+    # keyed-values-residual is the default job's editor; keyed-values its edits as the recorded runs keyed and
+    # routed them (the mean relation key, no gate); keyed the same with columns only
     job = load_config(ROOT / "configs" / "default.yaml").wise
-    assert method_settings(cfg.methods["keyed-values"]) == job and job.keyed.values
-    assert method_settings(cfg.methods["keyed"]).keyed == job.keyed.model_copy(update={"values": False})
+    assert method_settings(cfg.methods["keyed-values-residual"]) == job and job.keyed.values
+    assert job.keyed.relation_key == "residual" and job.keyed.min_similarity == 0.0
+    recorded = job.keyed.model_copy(
+        update={"relation_key": "mean", "relation_dim": 256, "min_similarity": None}
+    )
+    assert method_settings(cfg.methods["keyed-values"]).keyed == recorded
+    assert method_settings(cfg.methods["keyed"]).keyed == recorded.model_copy(update={"values": False})
     smoke = load_quality_config(path, smoke=True)
     assert smoke.milestones == (1, 2) and all(r.max_t == 2 for r in smoke.runs)
     # the long run is left out of the smoke run
