@@ -390,8 +390,6 @@ def route_flat(
             sequence.
         reduce: per-token activations to a sequence score: ``mean``, ``max`` or ``last``.
         hold: keep decode segments on their prefill's route (None: route every segment on its own tokens).
-        last_inputs: (R, h) the edited block's input at each segment's last token, for a table keyed by it
-            (``relation_key: residual``; None: the relation key reads ``x``).
 
     Returns:
         (N, d_out) to add to the main memory's output: ``Delta_k x_t`` for the tokens of sequences whose best

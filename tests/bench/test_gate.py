@@ -344,6 +344,27 @@ def test_a_run_rekeyed_measures_as_an_evaluation_of_its_rekeyed_state(
         for mode in ("teacher_forced", "generate"):
             assert row["metrics"][mode] == pytest.approx(want[mode], abs=1e-6), (row["gate"], mode)
     assert metrics_row(gated, records)["teacher_forced"] != metrics_row(ungated, records)["teacher_forced"]
+    # the same run measured with its own method (no re-keying): whole names off and on, then the gate, each
+    # equal to an evaluation of its own state with that setting on the router
+    own_out = measure_run(qcfg, "mean/tiny", True, gate, maker("mean"), tmp_path / "work")
+    assert not own_out["rekeyed"] and own_out["ungated_vs_result"] == 0.0
+    assert [(r["whole_names"], r["gate"]) for r in own_out["rows"]] == [
+        (False, None),
+        (True, None),
+        (True, gate),
+    ]
+    mine = maker("mean")()
+    mine.load(work / "state")
+    own_args = (mine.model, mine.routed, mine.tokens, records)
+    with mine.routed.names(None):
+        off = probe_records(*own_args, generate=True)
+    mine.routed.min_similarity = gate
+    for row, real in zip(
+        own_out["rows"], (off, result, probe_records(*own_args, generate=True)), strict=True
+    ):
+        want = metrics_row(real, records)
+        for mode in ("teacher_forced", "generate"):
+            assert row["metrics"][mode] == pytest.approx(want[mode], abs=1e-6), (row["whole_names"], mode)
 
 
 def test_pre_edit_probes_of_some_records_land_at_those_records_probes(

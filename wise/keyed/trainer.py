@@ -175,9 +175,7 @@ class KeyedTrainer:
         self.ensure_ready()
         assert self.center is not None
         state = {"templates": self.templates, "center": self.center.float().cpu().tolist()}
-        if (
-            self.cfg.keyed.relation_key == "residual"
-        ):  # what the projection reads: the serving snapshot needs it
+        if self.cfg.keyed.relation_key == "residual":  # the serving snapshot rebuilds the projection from it
             state["key_width"] = int(self.projection.shape[0])
         if self.name_flags is not None:
             state["name_flags"] = encode_flags(self.name_flags)
