@@ -6,7 +6,9 @@ ask (its locality prompt is another record's edit prompt, or it names another re
 record's pre-edit answer). A correct editor must change those answers, so the literature's locality, which counts
 every probe, is capped below 1 by the stream's own content. The reports keep that locality as the headline and give
 the locality of the other probes beside it (:func:`locality_split`); a quality milestone result keeps the split as
-its ``conflicts`` block (:func:`per_edit_conflicts`, :func:`annotate_results`).
+its ``conflicts`` block (:func:`per_edit_conflicts`, :func:`annotate_results`). The split also bounds what any
+editor could score on the stream (:func:`locality_ceiling`): every probe on a fact not edited agreeing, the probes
+on edited facts keeping the run's outcomes.
 """
 
 from __future__ import annotations
@@ -23,6 +25,14 @@ from bench.milestones import write_json
 logger = logging.getLogger(__name__)
 
 _WORD = re.compile(r"\w+(?:['.-]\w+)*")
+_SPLIT_KEYS = (
+    "probes",
+    "locality_others",
+    "edited_facts",
+    "locality_unedited_facts",
+    "locality_probes",
+    "locality_ceiling",
+)
 
 
 def edited_facts(records: Sequence) -> set[int]:
@@ -55,7 +65,8 @@ def locality_split(values: Sequence[float], owners: Iterable[int], records: Sequ
 
     ``probes``: how many probes' prompt is itself an edit prompt of ``records`` (same normalisation as
     superseding), ``locality_others`` the locality of the rest; ``edited_facts``: how many probes ask a fact some
-    record edits (an edit prompt, or :func:`edited_facts`), ``locality_unedited_facts`` the locality of the rest.
+    record edits (an edit prompt, or :func:`edited_facts`), ``locality_unedited_facts`` the locality of the rest;
+    ``locality_probes``: how many probes there are, ``locality_ceiling`` the :func:`locality_ceiling` of the run.
     A locality is None when no probe is left."""
     from wise.keyed.trainer import normalize_prompt
 
@@ -70,7 +81,26 @@ def locality_split(values: Sequence[float], owners: Iterable[int], records: Sequ
         "locality_others": sum(clean) / len(clean) if clean else None,
         "edited_facts": len(values) - len(unedited),
         "locality_unedited_facts": sum(unedited) / len(unedited) if unedited else None,
+        "locality_probes": len(values),
+        "locality_ceiling": (len(unedited) + sum(values) - sum(unedited)) / len(values) if values else None,
     }
+
+
+def locality_ceiling(block: dict[str, Any], locality: float | None, probes: int) -> float | None:
+    """The literature's locality (every probe counted) of the run had every probe on a fact not edited agreed with
+    the pre-edit model, the probes on edited facts keeping the run's outcomes: ``locality + (1 - U) (n - e) / n``
+    for the split ``block`` (``U`` its ``locality_unedited_facts``, ``e`` its ``edited_facts``) of ``n`` probes
+    (the block's ``locality_probes``, else ``probes``). An editor that changes the edited facts as the run did
+    cannot score more; one that changes them more fully scores less. None when a number is missing."""
+    if "locality_ceiling" in block:
+        return block["locality_ceiling"]
+    n = block.get("locality_probes", probes)
+    unedited, edited = block.get("locality_unedited_facts"), block.get("edited_facts")
+    if locality is None or edited is None or not n:
+        return None
+    if unedited is None:  # every probe asks an edited fact
+        return locality
+    return locality + (1.0 - unedited) * (n - edited) / n
 
 
 def per_edit_conflicts(per_edit: Sequence[dict], records: Sequence) -> dict[str, Any] | None:
@@ -89,12 +119,12 @@ def per_edit_conflicts(per_edit: Sequence[dict], records: Sequence) -> dict[str,
 
 def annotate_results(results_dir: str | Path, records: Sequence) -> list[int]:
     """Give every milestone result ``T*.json`` under ``results_dir`` that has ``per_edit`` rows but no
-    ``conflicts`` block its block (results written before the quality benchmark recorded it); returns the T's
-    annotated. ``records``: the run's edits (a superset of those the results name)."""
+    ``conflicts`` block, or one without a field :func:`locality_split` now gives, its block (results written before
+    the quality benchmark recorded it); returns the T's annotated. ``records``: the run's edits (a superset of those the results name)."""
     done = []
     for path in sorted(Path(results_dir).glob("T*.json")):
         result = json.loads(path.read_text())
-        if "conflicts" in result or not result.get("per_edit"):
+        if not result.get("per_edit") or set(_SPLIT_KEYS) <= set(result.get("conflicts") or ()):
             continue
         block = per_edit_conflicts(result["per_edit"], records)
         if block is None:

@@ -463,7 +463,10 @@ def render_report(results: str | Path, planned: dict[str, list[int]] | None = No
                 "evaluation s is the time the milestone's measurement took. *Loc, facts not edited* is the "
                 "locality of the probes that ask no fact the run's own edits change (a probe whose prompt is "
                 "another record's edit prompt, or names an edited subject and expects its pre-edit answer, must "
-                "change: `bench.conflicts`); *Loc*, counting every probe, stays the headline:",
+                "change: `bench.conflicts`); *Loc*, counting every probe, stays the headline. *Loc ceiling* is "
+                "that locality had every probe on a fact not edited agreed with the pre-edit model, the probes on "
+                "edited facts keeping the run's outcomes: the most an editor can score that answers the edited "
+                "facts as this run does (`bench.conflicts.locality_ceiling`):",
                 "",
                 *cost,
                 "",

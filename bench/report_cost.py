@@ -9,6 +9,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from bench.conflicts import locality_ceiling
+
 MISSING = "–"
 LAYOUT_ORDER = ("keyed", "shards")
 COST_HEADERS = ("B/edit", "% of model")
@@ -66,19 +68,20 @@ def milestone_cost_table(by_method: dict[str, dict[int, dict]]) -> list[str]:
     if not rows:
         return []
     lines = [
-        "| method | T | mean(Rel, Gen, Loc) | Loc | Loc, facts not edited | "
+        "| method | T | mean(Rel, Gen, Loc) | Loc | Loc, facts not edited | Loc ceiling | "
         + " | ".join(COST_HEADERS)
         + " | prefill routed/main | decode routed/main | s/edit | evaluation s |",
-        "|" + " --- |" * (9 + len(COST_HEADERS)),
+        "|" + " --- |" * (10 + len(COST_HEADERS)),
     ]
     for method, t, r in rows:
         tf = r.get("teacher_forced") or {}
         three = [tf.get(k) for k in ("reliability", "generalization", "locality")]
         avg = sum(three) / 3 if all(v is not None for v in three) else None
         split = r.get("conflicts") or {}
+        ceiling = locality_ceiling(split, tf.get("locality"), t) if split else None
         lines.append(
             f"| {method} | {t} | {significant(avg)} | {significant(tf.get('locality'))} | "
-            + f"{significant(split.get('locality_unedited_facts'))} | "
+            + f"{significant(split.get('locality_unedited_facts'))} | {significant(ceiling)} | "
             + " | ".join(memory_cells(r))
             + f" | {_ratio(r['serving'], 'prefill')} | {_ratio(r['serving'], 'decode')} | "
             + f"{significant(r.get('seconds_per_edit'))} | {significant(r.get('eval_seconds'))} |"

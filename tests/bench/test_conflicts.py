@@ -3,7 +3,15 @@ answer, split out of a milestone's per-edit rows, and added to results written b
 
 import json
 
-from bench.conflicts import annotate_results, edited_facts, locality_split, per_edit_conflicts
+import pytest
+
+from bench.conflicts import (
+    annotate_results,
+    edited_facts,
+    locality_ceiling,
+    locality_split,
+    per_edit_conflicts,
+)
 from streams.record import EditRecord
 
 
@@ -45,13 +53,28 @@ def test_the_split_counts_edit_prompts_and_edited_facts_apart():
     # record 5 asks an edit prompt (and with it an edited fact: record 2 edits Lancia Delta away from Lancia)
     assert split["probes"] == 1 and split["locality_others"] == 3.5 / 5
     assert split["edited_facts"] == 2 and split["locality_unedited_facts"] == 3.5 / 4
+    # the ceiling: the 4 probes on facts not edited all agree, the 2 on edited facts (records 1 and 5) keep 0.0
+    assert split["locality_probes"] == 6 and split["locality_ceiling"] == pytest.approx(4 / 6)
     # every probe a conflict: no locality left to give
     assert locality_split([0.0], [1], RECORDS[:2]) == {
         "probes": 0,
         "locality_others": 0.0,
         "edited_facts": 1,
         "locality_unedited_facts": None,
+        "locality_probes": 1,
+        "locality_ceiling": 0.0,
     }
+
+
+def test_the_ceiling_of_a_block_without_it_follows_from_its_locality_and_counts():
+    values = [1.0, 0.0, 1.0, 0.5, 1.0, 0.0]
+    split = locality_split(values, range(6), RECORDS)
+    old = {k: split[k] for k in ("probes", "locality_others", "edited_facts", "locality_unedited_facts")}
+    loc = sum(values) / len(values)
+    assert locality_ceiling(old, loc, 6) == pytest.approx(split["locality_ceiling"])
+    assert locality_ceiling(split, None, 0) == split["locality_ceiling"]  # a block that has it keeps it
+    assert locality_ceiling({**old, "locality_unedited_facts": None}, 0.25, 6) == 0.25  # all edited facts
+    assert locality_ceiling(old, None, 6) is None
 
 
 def test_per_edit_rows_are_split_by_the_records_they_name_in_their_order():
@@ -70,12 +93,18 @@ def test_results_without_the_block_gain_it_and_others_are_left_alone(tmp_path):
     rows = [{"id": r.id, "locality": 1.0 - (i % 2)} for i, r in enumerate(RECORDS)]
     old = {"T": 6, "teacher_forced": {"locality": 0.5}, "per_edit": rows}
     (tmp_path / "T6.json").write_text(json.dumps(old))
-    kept = {"T": 2, "per_edit": rows[:2], "conflicts": {"probes": 7}}
+    kept = {"T": 2, "per_edit": rows[:2], "conflicts": {**per_edit_conflicts(rows[:2], RECORDS), "probes": 7}}
     (tmp_path / "T2.json").write_text(json.dumps(kept))
+    # a block written before the split gave its ceiling is written again
+    dated = {"T": 4, "per_edit": rows[:4], "conflicts": {"probes": 7, "edited_facts": 0}}
+    (tmp_path / "T4.json").write_text(json.dumps(dated))
     (tmp_path / "T3.json").write_text(json.dumps({"T": 3}))  # no per-edit rows: nothing to split
-    assert annotate_results(tmp_path, RECORDS) == [6]
+    assert annotate_results(tmp_path, RECORDS) == [4, 6]
     new = json.loads((tmp_path / "T6.json").read_text())
     assert new == {**old, "conflicts": per_edit_conflicts(rows, RECORDS)}
+    assert json.loads((tmp_path / "T4.json").read_text())["conflicts"] == per_edit_conflicts(
+        rows[:4], RECORDS
+    )
     assert json.loads((tmp_path / "T2.json").read_text()) == kept
     assert json.loads((tmp_path / "T3.json").read_text()) == {"T": 3}
     assert annotate_results(tmp_path, RECORDS) == []

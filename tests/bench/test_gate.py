@@ -116,6 +116,8 @@ def test_locality_probes_asking_an_edited_prompt_are_counted_apart(edits):
         "locality_others": 0.75,
         "edited_facts": 1,
         "locality_unedited_facts": 0.75,
+        "locality_probes": 3,
+        "locality_ceiling": 2 / 3,
     }
 
 

@@ -212,7 +212,7 @@ def test_each_milestone_with_a_timed_state_gets_its_cost_row(tmp_path):
     }
     for t, loc in ((1000, 0.97), (2000, 0.955)):
         # the later milestone keeps the locality of the probes asking no edited fact
-        split = {"conflicts": {"locality_unedited_facts": 0.9812}} if t == 2000 else {}
+        split = {"conflicts": {"locality_unedited_facts": 0.9812, "edited_facts": 100}} if t == 2000 else {}
         _quality(
             tmp_path,
             "counterfact-long",
@@ -228,10 +228,11 @@ def test_each_milestone_with_a_timed_state_gets_its_cost_row(tmp_path):
     report = render_report(tmp_path).read_text()
     # mean of 0.97, 0.4, 0.97 = 0.78; 1.04x the main-only prefill (52.0 / 50.0 ms), 1.10x decode
     assert (
-        "| keyed | 1000 | 0.780 | 0.970 | – | 105 KiB | 2.14 | 1.04x (52.0 / 50.0 ms) | 1.10x (11.0 / 10.0 ms) | "
+        "| keyed | 1000 | 0.780 | 0.970 | – | – | 105 KiB | 2.14 | 1.04x (52.0 / 50.0 ms) | 1.10x (11.0 / 10.0 ms) | "
         "4.50 | 1234 |"
     ) in report
-    assert "| keyed | 2000 | 0.775 | 0.955 | 0.981 | 105 KiB |" in report
+    # ceiling: 0.955 + (1 - 0.9812) x 1,900 / 2,000 probes (one per edit) = 0.97286
+    assert "| keyed | 2000 | 0.775 | 0.955 | 0.981 | 0.973 | 105 KiB |" in report
     assert report.count("Cost at each milestone") == 1
     assert (
         report.index("### counterfact-long")
