@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -305,38 +305,19 @@ def derive_free(on: dict, off: dict, pre: dict, measure) -> int:
     return sum(len(v) for v in todo.values())
 
 
-def measure_run(
-    qcfg: QualityConfig,
-    run_name: str,
-    names: bool,
-    gate: float | None,
-    make,
-    work: Path,
-    make_own=None,
-) -> dict[str, Any]:
-    """A finished run's final state with whole names off and on, and with the settings chosen: its own edits'
-    metrics, from teacher-forced probes measured here, the free-generation outcomes of its milestone result
-    (for the probes routed as the result routed them; the others derived by :func:`derive_free`) and the
-    pre-edit probes kept by the quality benchmark (measured here when they are missing).
-
-    ``make`` builds the editor of the gate's method. When ``make_own`` is given it builds the editor of the
-    run's own method, whose settings differ from the gate's in the relation key only: the run's state is then
-    re-keyed (:meth:`~wise.keyed.editor.KeyedEditor.load_rekeyed`: the same edits, the keys the gate's method
-    stores) and measured with the whole-name setting chosen only, ungated and gated, after a row of the run as
-    its result routed it (its own keys); those probes carry the result's free-generation outcomes.
+def _finished_run(qcfg: QualityConfig, run_name: str, work: Path) -> tuple[Any, Path, int, list, Path, dict]:
+    """A finished quality run: (run, its work dir, edits its state holds, its own records, its milestone result's
+    path, that result). A run carried in the repository is restored first.
 
     Raises:
         ConfigError: unknown run, no state, or no milestone result for its state.
     """
-    from wise.evaluate import cached_probes, probe_records
-    from wise.keyed.names import name_flags
-
     runs = {r.name: r for r in qcfg.runs}
     if run_name not in runs:
         raise ConfigError(f"gate.apply: unknown run {run_name!r}; choose among {sorted(runs)}")
     run = runs[run_name]
     work_dir = work / run.dataset / run.method
-    if qcfg.carry:  # a long run carried in the repository: its state is restored first
+    if qcfg.carry:
         unpack(Path(qcfg.carry) / run.dataset / run.method, work_dir)
     progress_path = work_dir / "progress.json"
     if not progress_path.exists():
@@ -350,7 +331,72 @@ def measure_run(
     result_path = milestone_path(Path(qcfg.output) / "quality" / run.dataset / run.method, len(own))
     if not result_path.exists():
         raise ConfigError(f"gate.apply: {run_name} has no result at T={len(own)} ({result_path})")
-    result = json.loads(result_path.read_text())
+    return run, work_dir, n, own, result_path, json.loads(result_path.read_text())
+
+
+def _carry_free_outcomes(carrier: dict, result: dict, own: Sequence, run_name: str) -> None:
+    """Give ``carrier`` (probes routed as the milestone ``result`` routed them) that result's free-generation
+    outcomes, one reliability and one generalization outcome per edit."""
+    if len(carrier["gen_owner"]) != len(own):
+        raise ConfigError(f"gate.apply: {run_name}: free generation needs one rephrase per edit")
+    carrier["rel_hit"] = [e["generate_reliability"] for e in result["per_edit"]]
+    carrier["gen_hit"] = [e["generate_generalization"] for e in result["per_edit"]]
+
+
+def pre_needed(posts: Iterable[dict], carrier: dict, gate: float | None) -> list[int]:
+    """The records whose pre-edit outcomes some setting reads: a probe the gate refuses, or (for free
+    generation) one a setting sends to the main memory while the result (``carrier``) routed it."""
+    wanted: set[int] = set()
+    for post in posts:
+        for key, kind, _hit in KINDS:
+            owners = probe_slots(post, key)
+            cut = refused(post["route"][kind], post["ratio"][kind], gate)
+            routed_then = carrier["route"][kind]
+            for (o, _), c, r, then in zip(owners, cut, post["route"][kind], routed_then, strict=True):
+                if c or r < 0 <= then:
+                    wanted.add(o)
+    return sorted(wanted)
+
+
+def _state_cost(editor, gate: float | None, own: Sequence) -> dict[str, Any]:
+    """The memory and routed-forward cost of ``editor``'s state with ``gate`` set."""
+    from bench.quality import model_bytes, serving_cost
+    from orchestrator.report import memory_cost
+
+    editor.routed.min_similarity = gate
+    return {
+        "memory": memory_cost(*editor.state_dict(), model_bytes(editor.model)),
+        "serving": serving_cost(editor, own),
+    }
+
+
+def measure_run(
+    qcfg: QualityConfig,
+    run_name: str,
+    names: bool,
+    gate: float | None,
+    make,
+    work: Path,
+    make_own=None,
+) -> dict[str, Any]:
+    """A finished run's final state with whole names off and on, and with the settings chosen: its own edits'
+    metrics, from teacher-forced probes measured here, the free-generation outcomes of its milestone result
+    (for the probes routed as the result routed them; the others derived by :func:`derive_free`) and the
+    pre-edit probes kept by the quality benchmark (measured here for the records :func:`pre_needed` names).
+
+    ``make`` builds the editor of the gate's method. When ``make_own`` is given it builds the editor of the
+    run's own method, whose settings differ from the gate's in the relation key only: the run's state is then
+    re-keyed (:meth:`~wise.keyed.editor.KeyedEditor.load_rekeyed`: the same edits, the keys the gate's method
+    stores) and measured with the whole-name setting chosen only, ungated and gated, after a row of the run as
+    its result routed it (its own keys); those probes carry the result's free-generation outcomes.
+
+    Raises:
+        ConfigError: unknown run, no state, or no milestone result for its state.
+    """
+    from wise.evaluate import cached_probes, probe_records
+    from wise.keyed.names import name_flags
+
+    run, work_dir, n, own, result_path, result = _finished_run(qcfg, run_name, work)
     # the result's free-generation outcomes hold for its own routing (runs recorded before the rule: off)
     result_names = bool(result["settings"].get("keyed", {}).get("whole_names", False))
 
@@ -376,12 +422,9 @@ def measure_run(
         abs(v - result["teacher_forced"][m]) for m, v in metrics_row(carrier, own)["teacher_forced"].items()
     )
     if qcfg.generate:
-        per_edit = result["per_edit"]
-        if len(carrier["gen_owner"]) != len(own):
-            raise ConfigError(f"gate.apply: {run_name}: free generation needs one rephrase per edit")
-        carrier["rel_hit"] = [e["generate_reliability"] for e in per_edit]
-        carrier["gen_hit"] = [e["generate_generalization"] for e in per_edit]
-    if make_own is not None:
+        _carry_free_outcomes(carrier, result, own, run_name)
+    rekeyed = make_own is not None
+    if rekeyed:
         del editor
         editor = load(make, True)
         posts = {names: probes(editor, names, "-rekeyed")}
@@ -389,23 +432,12 @@ def measure_run(
     else:
         posts = {on: carrier if on == result_names else probes(editor, on) for on in (False, True)}
         settings = [(False, None), (True, None)]
-    args = (editor.model, editor.routed, editor.tokens, own)
-    # the pre-edit model's outcomes are read for the probes the gate refuses and, for free generation, those
-    # that a setting sends to the main memory while the result routed them: measured for those records only
-    wanted: set[int] = set()
-    for post in posts.values():
-        for key, kind, _hit in KINDS:
-            owners = probe_slots(post, key)
-            cut = refused(post["route"][kind], post["ratio"][kind], gate)
-            routed_then = carrier["route"][kind]
-            for (o, _), c, r, then in zip(owners, cut, post["route"][kind], routed_then, strict=True):
-                if c or r < 0 <= then:
-                    wanted.add(o)
-    need = sorted(wanted)
+    args = (editor.model, editor.routed, editor.tokens)
+    need = pre_needed(posts.values(), carrier, gate)
     logger.info("pre-edit probes of %d of %d records", len(need), len(own))
     sub = (
         cached_probes(
-            *args[:3],
+            *args,
             [own[i] for i in need],
             cache=pre_probes_dir(work, run.dataset, qcfg.model),
             main_only=True,
@@ -424,11 +456,10 @@ def measure_run(
 
             def measure(indices: list[int], on: bool = on) -> dict:
                 with editor.routed.names(name_flags(editor.tokens.tokenizer) if on else None):
-                    return probe_records(*args[:3], [own[i] for i in indices], generate=True)
+                    return probe_records(*args, [own[i] for i in indices], generate=True)
 
             measured += derive_free(post, carrier, pre, measure)
     settings += [(names, gate)] if gate is not None else []
-    rekeyed = make_own is not None
     rows = [
         {
             "whole_names": on,
@@ -449,14 +480,8 @@ def measure_run(
         "free_generation_measured": measured,
         "rows": rows,
     }
-    if rekeyed:  # what the re-keyed state costs (the run's result gives its own state's cost)
-        from bench.quality import model_bytes, serving_cost
-        from orchestrator.report import memory_cost
-
-        editor.routed.min_similarity = gate
-        out["memory"] = memory_cost(*editor.state_dict(), model_bytes(editor.model))
-        out["serving"] = serving_cost(editor, own)
-    return out
+    # what the re-keyed state costs (the run's result gives its own state's cost)
+    return {**out, **_state_cost(editor, gate, own)} if rekeyed else out
 
 
 def gate_benchmark(qcfg: QualityConfig, spec: GateSpec, out: Path, command: str) -> dict[str, Any]:
@@ -504,6 +529,7 @@ __all__ = [
     "gate_probes",
     "load_gate_config",
     "pre_for",
+    "pre_needed",
     "probe_slots",
     "refused",
     "routing_tag",

@@ -388,3 +388,26 @@ def test_pre_edit_probes_of_some_records_land_at_those_records_probes(
         assert len(got[key]) == len(full[key]) > 0, key
         for o, a, b in zip(owners, got[key], full[key], strict=True):
             assert (a == b) if o in wanted else math.isnan(a), (key, o)
+
+
+def test_pre_edit_probes_are_needed_where_the_gate_refuses_or_a_setting_leaves_the_results_route():
+    from bench.gate import pre_needed
+
+    def probes(route, ratio):
+        return {
+            "records": 3,
+            "gen_owner": [0, 1, 2],
+            "route": {"edit": route[0], "rephrase": route[1], "locality": route[2]},
+            "ratio": {"edit": ratio[0], "rephrase": ratio[1], "locality": ratio[2]},
+        }
+
+    # relation similarities (ratio - 1): edits 1.0; rephrases 0.05, 0.3, 0.5; record 1's locality probe 0.05
+    carrier = probes(([0, 1, 2], [0, 1, 2], [-1, 0, -1]), ([2.0] * 3, [1.05, 1.3, 1.5], [0.0, 1.05, 0.0]))
+    # the same routes: only the gate decides; 0.1 refuses record 0's rephrase and record 1's locality probe
+    assert pre_needed([carrier], carrier, None) == []
+    assert pre_needed([carrier], carrier, 0.1) == [0, 1]
+    assert pre_needed([carrier], carrier, 0.6) == [0, 1, 2]
+    # another setting sends record 2's edit prompt to the main memory, which the result routed: needed ungated
+    other = probes(([0, 1, -1], [0, 1, 2], [-1, -1, -1]), ([2.0, 2.0, 0.0], [1.05, 1.3, 1.5], [0.0] * 3))
+    assert pre_needed([other], carrier, None) == [1, 2]
+    assert pre_needed([carrier, other], carrier, 0.1) == [0, 1, 2]
