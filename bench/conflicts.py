@@ -25,14 +25,6 @@ from bench.milestones import write_json
 logger = logging.getLogger(__name__)
 
 _WORD = re.compile(r"\w+(?:['.-]\w+)*")
-_SPLIT_KEYS = (
-    "probes",
-    "locality_others",
-    "edited_facts",
-    "locality_unedited_facts",
-    "locality_probes",
-    "locality_ceiling",
-)
 
 
 def edited_facts(records: Sequence) -> set[int]:
@@ -119,12 +111,12 @@ def per_edit_conflicts(per_edit: Sequence[dict], records: Sequence) -> dict[str,
 
 def annotate_results(results_dir: str | Path, records: Sequence) -> list[int]:
     """Give every milestone result ``T*.json`` under ``results_dir`` that has ``per_edit`` rows but no
-    ``conflicts`` block, or one without a field :func:`locality_split` now gives, its block (results written before
-    the quality benchmark recorded it); returns the T's annotated. ``records``: the run's edits (a superset of those the results name)."""
+    ``conflicts`` block, or one written before the split kept its ceiling, its block; returns the T's annotated.
+    ``records``: the run's edits (a superset of those the results name)."""
     done = []
     for path in sorted(Path(results_dir).glob("T*.json")):
         result = json.loads(path.read_text())
-        if not result.get("per_edit") or set(_SPLIT_KEYS) <= set(result.get("conflicts") or ()):
+        if not result.get("per_edit") or "locality_ceiling" in (result.get("conflicts") or {}):
             continue
         block = per_edit_conflicts(result["per_edit"], records)
         if block is None:
