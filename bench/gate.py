@@ -138,9 +138,9 @@ def probe_slots(probes: dict, key: str) -> list[tuple[int, int]]:
 
 
 def pre_for(shape: dict, sub: dict, wanted: Sequence[int]) -> dict:
-    """Pre-edit probes shaped as ``shape`` (probes of all records) holding ``sub``'s outcomes, measured on the
-    records ``wanted`` (sorted) only, at those records' probes and NaN elsewhere (never read: see
-    :func:`gate_probes` and :func:`derive_free`)."""
+    """Probes shaped as ``shape`` (probes of all records) holding ``sub``'s outcomes, measured on the records
+    ``wanted`` (sorted) only, at those records' probes and NaN elsewhere: the pre-edit probes a gate reads
+    (:func:`gate_probes`), or the outcomes :func:`derive_free` measures."""
     local = {o: j for j, o in enumerate(wanted)}
     out: dict = {"records": shape["records"]}
     for key, _kind, hit in KINDS:
@@ -291,17 +291,11 @@ def derive_free(on: dict, off: dict, pre: dict, measure) -> int:
     if not todo:
         return 0
 
-    places = {key: probe_slots(on, key) for key in todo}
-    wanted = sorted({places[key][i][0] for key, idx in todo.items() for i in idx})
-    sub = measure(wanted)
-    local = {o: j for j, o in enumerate(wanted)}
+    wanted = sorted({probe_slots(on, key)[i][0] for key, idx in todo.items() for i in idx})
+    placed = pre_for(on, measure(wanted), wanted)
     for key, _kind, hit in KINDS[:2]:
-        if key not in todo:
-            continue
-        where = {place: j for j, place in enumerate(probe_slots(sub, key))}
-        for i in todo[key]:
-            o, ordinal = places[key][i]
-            on[hit][i] = sub[hit][where[(local[o], ordinal)]]
+        for i in todo.get(key, ()):
+            on[hit][i] = placed[hit][i]
     return sum(len(v) for v in todo.values())
 
 

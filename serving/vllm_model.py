@@ -262,7 +262,10 @@ def _install_routed(model: nn.Module, config) -> WiseRoutedProjection:
         parts = [*args[1:3], *(kwargs.get(k) for k in ("hidden_states", "residual") if k in kwargs)]
         routed.block_parts = (parts[0], parts[1] if len(parts) > 1 else None)
 
-    model.get_submodule(f"model.layers.{layer}").register_forward_pre_hook(keep_block_input, with_kwargs=True)
+    if routed.layout == "keyed":  # only the keyed router reads relation keys from the residual stream
+        model.get_submodule(f"model.layers.{layer}").register_forward_pre_hook(
+            keep_block_input, with_kwargs=True
+        )
     logger.info("WISE routing installed at model.layers.%d.%s (%d x %d)", layer, module, out_f, in_f)
     return routed
 

@@ -176,8 +176,8 @@ def snapshot_of(config: dict, module_path: str, memories: list[Memory], setup: d
             memories,
             proj,
             None if center is None else torch.tensor(center, dtype=torch.float32),
-            config["keyed"].get("min_similarity"),
-            None if flags is None or not config["keyed"].get("whole_names", True) else decode_flags(flags),
+            keyed.min_similarity,
+            None if flags is None or not keyed.whole_names else decode_flags(flags),
             keyed.relation_key,
         )
     return ServingSnapshot.from_memories(module_path, config["router_reduce"], memories)
